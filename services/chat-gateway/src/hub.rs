@@ -1,0 +1,570 @@
+//! Local fan-out: one task per room that has local sessions, delivering that room's events to
+//! them in seq order with no gap and no duplicate.
+//!
+//! A room task is the only writer to its sessions for that room. It delivers seq N only after
+//! N-1: an event that arrives early waits (briefly) for the missing ones, then they are read
+//! from the store. Each event's frame is encoded once per gateway and every session gets the
+//! same bytes (a reference-counted clone, no per-recipient allocation).
+//!
+//! A session joins in two steps: it reads the backlog it asked for (`since`) from the store at
+//! its own pace, then `attach`es with the last seq it has. The room task sends anything newer
+//! from its small ring of recent frames, or asks for more backlog when the ring does not reach
+//! back that far.
+
+use crate::bus::{Bus, BusEvent, BusListener, decode};
+use crate::store::Store;
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use chat_protocol::{RoomName, ServerFrame, StoredMessage, Username};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Recent frames a room keeps for sessions that attach slightly behind.
+const RING: usize = 128;
+/// Early events held while waiting for a missing seq; past this, the store fills the gap now.
+const MAX_PENDING: usize = 1024;
+/// Rows per store read when filling gaps.
+const FILL_PAGE: u32 = 200;
+
+/// The part of a session that room tasks write to.
+#[derive(Clone)]
+pub struct Outbox {
+    pub session: u64,
+    pub fanout: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when the session must go: it could not keep up.
+    pub kick: CancellationToken,
+}
+
+impl Outbox {
+    /// Queues a frame; a full queue marks the session as a slow consumer.
+    fn offer(&self, frame: &Utf8Bytes) -> bool {
+        match self.fanout.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.kick.is_cancelled() {
+                    metrics::counter!("chat_slow_consumers_total").increment(1);
+                    self.kick.cancel();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+enum RoomCmd {
+    Message {
+        seq: u64,
+        frame: Utf8Bytes,
+    },
+    Typing {
+        exclude: Option<u64>,
+        frame: Utf8Bytes,
+    },
+    Presence {
+        frame: Utf8Bytes,
+    },
+    Attach {
+        outbox: Outbox,
+        cursor: u64,
+        reply: oneshot::Sender<Attach>,
+    },
+    Detach {
+        session: u64,
+    },
+    Resync,
+    Shutdown,
+}
+
+/// The answer to an attach request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Attached: the session gets every message after its cursor.
+    Done,
+    /// The session must first read the backlog up to this seq from the store.
+    NeedBacklogTo(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("room is not available right now")]
+pub struct RoomUnavailable;
+
+/// A session's membership of one room; `Hub::exit` ends it.
+#[derive(Clone)]
+pub struct RoomRef {
+    room: RoomName,
+    tx: mpsc::Sender<RoomCmd>,
+}
+
+struct RoomEntry {
+    tx: mpsc::Sender<RoomCmd>,
+    members: usize,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    gateway: String,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    rooms: Mutex<HashMap<RoomName, RoomEntry>>,
+    /// (room, user) -> local sessions of that user in that room.
+    presence: Mutex<HashMap<(RoomName, Username), usize>>,
+    room_queue: usize,
+    gap_wait: Duration,
+    tasks: TaskTracker,
+}
+
+impl Hub {
+    pub fn new(
+        gateway: String,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        room_queue: usize,
+        tasks: TaskTracker,
+    ) -> Self {
+        Hub {
+            shared: Arc::new(Shared {
+                gateway,
+                store,
+                bus,
+                rooms: Mutex::new(HashMap::new()),
+                presence: Mutex::new(HashMap::new()),
+                room_queue,
+                gap_wait: Duration::from_millis(50),
+                tasks,
+            }),
+        }
+    }
+
+    pub fn gateway(&self) -> &str {
+        &self.shared.gateway
+    }
+
+    /// Becomes a member of the room's local fan-out, starting its task if needed.
+    pub fn enter(&self, room: &RoomName) -> RoomRef {
+        let mut rooms = self.shared.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = rooms.entry(room.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.shared.room_queue);
+            let overflowed = Arc::new(AtomicBool::new(false));
+            let task = RoomTask {
+                room: room.clone(),
+                shared: self.shared.clone(),
+                overflowed: overflowed.clone(),
+                subscribers: Vec::new(),
+                delivered: 0,
+                ring: VecDeque::with_capacity(RING),
+                pending: BTreeMap::new(),
+                gap_deadline: None,
+            };
+            self.shared.tasks.spawn(task.run(rx));
+            metrics::gauge!("chat_rooms_active").increment(1.0);
+            RoomEntry {
+                tx,
+                members: 0,
+                overflowed,
+            }
+        });
+        entry.members += 1;
+        RoomRef {
+            room: room.clone(),
+            tx: entry.tx.clone(),
+        }
+    }
+
+    /// Ends a membership; the room's task stops with its last member.
+    pub async fn exit(&self, membership: RoomRef, session: u64) {
+        let last = {
+            let mut rooms = self.shared.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            match rooms.get_mut(&membership.room) {
+                Some(entry) if entry.tx.same_channel(&membership.tx) => {
+                    entry.members -= 1;
+                    if entry.members == 0 {
+                        rooms.remove(&membership.room);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                _ => false,
+            }
+        };
+        let _ = membership.tx.send(RoomCmd::Detach { session }).await;
+        if last {
+            let _ = membership.tx.send(RoomCmd::Shutdown).await;
+        }
+    }
+
+    /// Asks to receive the room's messages after `cursor`.
+    pub async fn attach(
+        &self,
+        membership: &RoomRef,
+        outbox: Outbox,
+        cursor: u64,
+    ) -> Result<Attach, RoomUnavailable> {
+        let (reply, answer) = oneshot::channel();
+        membership
+            .tx
+            .send(RoomCmd::Attach {
+                outbox,
+                cursor,
+                reply,
+            })
+            .await
+            .map_err(|_| RoomUnavailable)?;
+        answer.await.map_err(|_| RoomUnavailable)
+    }
+
+    /// Delivers a message committed by a local session to the room's local sessions.
+    pub async fn deliver_local(&self, membership: &RoomRef, seq: u64, frame: Utf8Bytes) {
+        let _ = membership.tx.send(RoomCmd::Message { seq, frame }).await;
+    }
+
+    /// Delivers a typing notice to the room's other local sessions.
+    pub async fn typing_local(&self, membership: &RoomRef, session: u64, frame: Utf8Bytes) {
+        let _ = membership
+            .tx
+            .send(RoomCmd::Typing {
+                exclude: Some(session),
+                frame,
+            })
+            .await;
+    }
+
+    /// Counts a local session of `user` in `room`; the cluster hears of the first one.
+    pub async fn presence_enter(
+        &self,
+        room: &RoomName,
+        user: &Username,
+    ) -> Result<Vec<Username>, crate::bus::BusError> {
+        {
+            let mut presence = self
+                .shared
+                .presence
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *presence.entry((room.clone(), user.clone())).or_insert(0) += 1;
+        }
+        // Idempotent in the bus, and it answers who is online: called for every session.
+        self.shared.bus.presence_enter(room, user).await
+    }
+
+    pub async fn presence_exit(&self, room: &RoomName, user: &Username) {
+        let last = {
+            let mut presence = self
+                .shared
+                .presence
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let key = (room.clone(), user.clone());
+            match presence.get_mut(&key) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    presence.remove(&key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last && let Err(e) = self.shared.bus.presence_exit(room, user).await {
+            tracing::warn!(error = %e, "could not record presence exit");
+        }
+    }
+
+    fn route(&self, room: &str, cmd: RoomCmd) {
+        let rooms = self.shared.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = rooms.get(room)
+            && entry.tx.try_send(cmd).is_err()
+        {
+            // The room task is behind: it will re-read the store instead of these events.
+            entry.overflowed.store(true, Ordering::Release);
+            metrics::counter!("chat_room_queue_overflows_total").increment(1);
+        }
+    }
+}
+
+impl BusListener for Hub {
+    fn on_room_event(&self, room: &str, event: Bytes) {
+        let Some(decoded) = decode(&event) else {
+            metrics::counter!("chat_bus_events_unreadable_total").increment(1);
+            return;
+        };
+        let cmd = match decoded {
+            // Our own messages and typing notices were delivered locally already.
+            BusEvent::Message { origin, .. } | BusEvent::Typing { origin, .. }
+                if origin == self.shared.gateway =>
+            {
+                return;
+            }
+            BusEvent::Message { seq, frame, .. } => match Utf8Bytes::try_from(frame) {
+                Ok(frame) => RoomCmd::Message { seq, frame },
+                Err(_) => return,
+            },
+            BusEvent::Typing { frame, .. } => match Utf8Bytes::try_from(frame) {
+                Ok(frame) => RoomCmd::Typing {
+                    exclude: None,
+                    frame,
+                },
+                Err(_) => return,
+            },
+            BusEvent::Presence { frame } => match Utf8Bytes::try_from(frame) {
+                Ok(frame) => RoomCmd::Presence { frame },
+                Err(_) => return,
+            },
+        };
+        self.route(room, cmd);
+    }
+
+    fn on_resubscribed(&self) {
+        metrics::counter!("chat_resyncs_total").increment(1);
+        {
+            let rooms = self.shared.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in rooms.values() {
+                if entry.tx.try_send(RoomCmd::Resync).is_err() {
+                    entry.overflowed.store(true, Ordering::Release);
+                }
+            }
+        }
+        // Redis may have lost our presence entries (a restart): announce them again.
+        let entries: Vec<(RoomName, Username)> = {
+            let presence = self
+                .shared
+                .presence
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            presence.keys().cloned().collect()
+        };
+        if !entries.is_empty() {
+            let bus = self.shared.bus.clone();
+            self.shared.tasks.spawn(async move {
+                for (room, user) in entries {
+                    if let Err(e) = bus.presence_enter(&room, &user).await {
+                        tracing::warn!(error = %e, "could not re-announce presence");
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+struct Subscriber {
+    outbox: Outbox,
+    /// Messages up to this seq were sent by other means (backlog); skip them.
+    cursor: u64,
+}
+
+struct RoomTask {
+    room: RoomName,
+    shared: Arc<Shared>,
+    overflowed: Arc<AtomicBool>,
+    subscribers: Vec<Subscriber>,
+    /// The highest seq delivered to this room's local sessions.
+    delivered: u64,
+    ring: VecDeque<(u64, Utf8Bytes)>,
+    /// Events that arrived ahead of a missing seq.
+    pending: BTreeMap<u64, Utf8Bytes>,
+    gap_deadline: Option<Instant>,
+}
+
+impl RoomTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<RoomCmd>) {
+        if let Err(e) = self.shared.bus.subscribe(&self.room).await {
+            tracing::warn!(room = %self.room, error = %e, "subscribing late");
+        }
+        // Subscribed first, then read the baseline: anything committed after it is published
+        // after the subscription is live, so nothing falls between the two.
+        let mut retry = Duration::from_millis(50);
+        self.delivered = loop {
+            match self.shared.store.last_seq(&self.room).await {
+                Ok(seq) => break seq.unwrap_or(0),
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "room baseline unavailable");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(2));
+                    if rx.is_closed() {
+                        return;
+                    }
+                }
+            }
+        };
+        loop {
+            let cmd = match self.gap_deadline {
+                Some(deadline) => tokio::select! {
+                    cmd = rx.recv() => cmd,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        self.fill_from_store().await;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(cmd) = cmd else { break };
+            match cmd {
+                RoomCmd::Message { seq, frame } => self.on_message(seq, frame),
+                RoomCmd::Typing { exclude, frame } => {
+                    for sub in &self.subscribers {
+                        if Some(sub.outbox.session) != exclude {
+                            sub.outbox.offer(&frame);
+                        }
+                    }
+                }
+                RoomCmd::Presence { frame } => {
+                    for sub in &self.subscribers {
+                        sub.outbox.offer(&frame);
+                    }
+                }
+                RoomCmd::Attach {
+                    outbox,
+                    cursor,
+                    reply,
+                } => {
+                    let answer = self.attach(outbox, cursor);
+                    let _ = reply.send(answer);
+                }
+                RoomCmd::Detach { session } => {
+                    self.subscribers.retain(|s| s.outbox.session != session);
+                }
+                RoomCmd::Resync => self.fill_from_store().await,
+                RoomCmd::Shutdown => break,
+            }
+            if self.overflowed.swap(false, Ordering::AcqRel) {
+                self.fill_from_store().await;
+            }
+        }
+        self.shared.bus.unsubscribe(&self.room);
+        metrics::gauge!("chat_rooms_active").decrement(1.0);
+    }
+
+    fn attach(&mut self, outbox: Outbox, cursor: u64) -> Attach {
+        if cursor < self.delivered {
+            let reaches = self
+                .ring
+                .front()
+                .is_some_and(|(first, _)| *first <= cursor + 1);
+            if !reaches {
+                return Attach::NeedBacklogTo(self.delivered);
+            }
+            for (seq, frame) in &self.ring {
+                if *seq > cursor && !outbox.offer(frame) {
+                    break;
+                }
+            }
+        }
+        self.subscribers.push(Subscriber {
+            outbox,
+            cursor: cursor.max(self.delivered),
+        });
+        Attach::Done
+    }
+
+    fn on_message(&mut self, seq: u64, frame: Utf8Bytes) {
+        if seq <= self.delivered {
+            return;
+        }
+        if seq == self.delivered + 1 {
+            self.deliver(seq, frame);
+            self.flush_pending();
+            return;
+        }
+        self.pending.insert(seq, frame);
+        metrics::counter!("chat_gaps_detected_total").increment(1);
+        if self.pending.len() > MAX_PENDING {
+            self.gap_deadline = Some(Instant::now());
+        } else if self.gap_deadline.is_none() {
+            self.gap_deadline = Some(Instant::now() + self.shared.gap_wait);
+        }
+    }
+
+    fn deliver(&mut self, seq: u64, frame: Utf8Bytes) {
+        let mut delivered = 0u64;
+        self.subscribers.retain(|sub| {
+            if seq <= sub.cursor {
+                return true;
+            }
+            let ok = sub.outbox.offer(&frame);
+            delivered += u64::from(ok);
+            ok || !sub.outbox.fanout.is_closed() && !sub.outbox.kick.is_cancelled()
+        });
+        metrics::counter!("chat_messages_delivered_total").increment(delivered);
+        if self.ring.len() == RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back((seq, frame));
+        self.delivered = seq;
+    }
+
+    fn flush_pending(&mut self) {
+        while let Some(entry) = self.pending.first_entry() {
+            let seq = *entry.key();
+            if seq <= self.delivered {
+                entry.remove();
+            } else if seq == self.delivered + 1 {
+                let frame = entry.remove();
+                self.deliver(seq, frame);
+            } else {
+                break;
+            }
+        }
+        if self.pending.is_empty() {
+            self.gap_deadline = None;
+        }
+    }
+
+    /// Reads every message after `delivered` from the store and delivers it.
+    async fn fill_from_store(&mut self) {
+        metrics::counter!("chat_gap_fills_total").increment(1);
+        loop {
+            match self
+                .shared
+                .store
+                .messages_after(&self.room, self.delivered, FILL_PAGE)
+                .await
+            {
+                Ok(page) => {
+                    for message in page.messages {
+                        if message.seq != self.delivered + 1 {
+                            continue;
+                        }
+                        let frame = match self.pending.remove(&message.seq) {
+                            Some(frame) => frame,
+                            None => encode_message(&message),
+                        };
+                        self.deliver(message.seq, frame);
+                    }
+                    if !page.has_more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "gap fill failed; retrying");
+                    self.gap_deadline = Some(Instant::now() + Duration::from_secs(1));
+                    return;
+                }
+            }
+        }
+        self.flush_pending();
+        if !self.pending.is_empty() && self.gap_deadline.is_none() {
+            self.gap_deadline = Some(Instant::now() + self.shared.gap_wait);
+        }
+    }
+}
+
+/// The `message` frame of a committed message: the one encoding every session receives.
+pub fn encode_message(message: &StoredMessage) -> Utf8Bytes {
+    Utf8Bytes::from(ServerFrame::encode_message(message))
+}

@@ -1,0 +1,416 @@
+//! One authenticated client's conversation: frames in, replies and events out.
+//!
+//! A `Session` knows nothing of sockets: it reads text frames and writes to two queues, so it
+//! can be driven directly in tests. `replies` carries answers to this client's own frames (the
+//! session waits for room in it: a client that does not read slows only itself); the outbox's
+//! `fanout` carries room events (never waited on: a client that cannot keep up is kicked).
+
+use crate::bus;
+use crate::context::SharedContext;
+use crate::error::Failure;
+use crate::hub::{Attach, Outbox, RoomRef, encode_message};
+use crate::store::NewMessage;
+use axum::extract::ws::Utf8Bytes;
+use chat_protocol::frames::Ref;
+use chat_protocol::{
+    ClientFrame, ClientId, ErrorCode, MessageBody, RoomName, ServerFrame, Username,
+    parse_client_frame,
+};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the socket writer sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Frame(Utf8Bytes),
+    Ping,
+    Close(u16, &'static str),
+}
+
+/// The client stopped reading its replies (the socket is gone).
+#[derive(Debug)]
+pub struct Gone;
+
+/// Rows per store read while replaying a backlog.
+const BACKLOG_PAGE: u32 = 200;
+
+pub struct Session {
+    ctx: SharedContext,
+    id: u64,
+    user: Username,
+    outbox: Outbox,
+    replies: mpsc::Sender<Outbound>,
+    rooms: HashMap<RoomName, RoomRef>,
+    message_limit: DefaultDirectRateLimiter,
+    frame_limit: DefaultDirectRateLimiter,
+}
+
+fn quota(per_sec: u32, burst: u32) -> Quota {
+    let per_sec = NonZeroU32::new(per_sec).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(per_sec).allow_burst(burst)
+}
+
+impl Session {
+    pub fn new(
+        ctx: SharedContext,
+        id: u64,
+        user: Username,
+        outbox: Outbox,
+        replies: mpsc::Sender<Outbound>,
+    ) -> Self {
+        let s = &ctx.settings;
+        let message_limit = RateLimiter::direct(quota(s.rate_per_sec, s.rate_burst));
+        let frame_limit = RateLimiter::direct(quota(s.frame_rate_per_sec, s.frame_rate_burst));
+        Session {
+            ctx,
+            id,
+            user,
+            outbox,
+            replies,
+            rooms: HashMap::new(),
+            message_limit,
+            frame_limit,
+        }
+    }
+
+    pub fn user(&self) -> &Username {
+        &self.user
+    }
+
+    async fn send(&self, frame: ServerFrame, reference: Option<Ref>) -> Result<(), Gone> {
+        self.push(Outbound::Frame(Utf8Bytes::from(frame.encode(reference))))
+            .await
+    }
+
+    async fn push(&self, item: Outbound) -> Result<(), Gone> {
+        self.replies.send(item).await.map_err(|_| Gone)
+    }
+
+    async fn fail(&self, failure: Failure, reference: Option<Ref>) -> Result<(), Gone> {
+        metrics::counter!("chat_errors_sent_total", "code" => failure.code.as_str()).increment(1);
+        self.send(ServerFrame::error(failure.code, failure.message), reference)
+            .await
+    }
+
+    /// Handles one text frame from the client.
+    pub async fn handle_text(&mut self, text: &str) -> Result<(), Gone> {
+        let (reference, frame) = match parse_client_frame(text) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                metrics::counter!("chat_frames_received_total", "type" => "invalid").increment(1);
+                return self
+                    .fail(Failure::new(e.code, e.message), e.reference)
+                    .await;
+            }
+        };
+        metrics::counter!("chat_frames_received_total", "type" => frame.kind()).increment(1);
+        let limiter = match frame {
+            ClientFrame::Send { .. } | ClientFrame::Typing { .. } => Some(&self.message_limit),
+            ClientFrame::Ping => None,
+            _ => Some(&self.frame_limit),
+        };
+        if let Some(limiter) = limiter
+            && limiter.check().is_err()
+        {
+            metrics::counter!("chat_rate_limited_total").increment(1);
+            return self
+                .fail(
+                    Failure::new(ErrorCode::RateLimited, "too many frames; slow down"),
+                    reference,
+                )
+                .await;
+        }
+        match self.dispatch(frame, reference.clone()).await {
+            Ok(()) => Ok(()),
+            Err(Handled::Failed(failure)) => self.fail(failure, reference).await,
+            Err(Handled::Gone) => Err(Gone),
+        }
+    }
+
+    async fn dispatch(
+        &mut self,
+        frame: ClientFrame,
+        reference: Option<Ref>,
+    ) -> Result<(), Handled> {
+        match frame {
+            ClientFrame::Hello { .. } => Err(Failure::new(
+                ErrorCode::BadRequest,
+                "already authenticated: hello is only the first frame",
+            ))?,
+            ClientFrame::Join { room, since } => self.join(room, since, reference).await,
+            ClientFrame::Leave { room } => {
+                let membership = self.rooms.remove(&room).ok_or_else(not_joined)?;
+                self.ctx.hub.exit(membership, self.id).await;
+                self.ctx.hub.presence_exit(&room, &self.user).await;
+                Ok(self.send(ServerFrame::Left { room }, reference).await?)
+            }
+            ClientFrame::Send {
+                room,
+                body,
+                client_id,
+            } => self.send_message(room, body, client_id, reference).await,
+            ClientFrame::History {
+                room,
+                before,
+                limit,
+            } => {
+                if !room.admits(&self.user) {
+                    Err(forbidden())?;
+                }
+                let page = self
+                    .ctx
+                    .store
+                    .messages_before(&room, before, limit)
+                    .await
+                    .map_err(Failure::from)?;
+                let frame = ServerFrame::History {
+                    room,
+                    messages: page.messages,
+                    has_more: page.has_more,
+                };
+                Ok(self.send(frame, reference).await?)
+            }
+            ClientFrame::Typing { room } => {
+                let membership = self.rooms.get(&room).ok_or_else(not_joined)?;
+                let frame = ServerFrame::Typing {
+                    room: room.clone(),
+                    user: self.user.clone(),
+                }
+                .encode(None);
+                self.ctx
+                    .hub
+                    .typing_local(membership, self.id, Utf8Bytes::from(frame.as_str()))
+                    .await;
+                let event = bus::encode_typing(&self.ctx.gateway, &frame);
+                if let Err(e) = self.ctx.bus.publish(&room, event).await {
+                    tracing::debug!(error = %e, "typing notice not published");
+                }
+                Ok(())
+            }
+            ClientFrame::Ping => Ok(self.send(ServerFrame::Pong, reference).await?),
+        }
+    }
+
+    async fn join(
+        &mut self,
+        room: RoomName,
+        since: Option<u64>,
+        reference: Option<Ref>,
+    ) -> Result<(), Handled> {
+        if !room.admits(&self.user) {
+            Err(forbidden())?;
+        }
+        let rejoin = self.rooms.remove(&room);
+        if rejoin.is_none() && self.rooms.len() >= self.ctx.settings.max_rooms_per_connection {
+            Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a connection may be in at most {} rooms; leave one first",
+                    self.ctx.settings.max_rooms_per_connection
+                ),
+            ))?;
+        }
+        let already_present = match rejoin {
+            Some(membership) => {
+                self.ctx.hub.exit(membership, self.id).await;
+                true
+            }
+            None => false,
+        };
+        let last_seq = match self.ctx.store.ensure_room(&room).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                if already_present {
+                    self.ctx.hub.presence_exit(&room, &self.user).await;
+                }
+                Err(Failure::from(e))?
+            }
+        };
+        let online = if already_present {
+            // This session's presence is counted already; only ask who is there.
+            self.ctx.bus.presence_enter(&room, &self.user).await
+        } else {
+            self.ctx.hub.presence_enter(&room, &self.user).await
+        };
+        let online = online.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "presence unavailable; joining without it");
+            vec![self.user.clone()]
+        });
+        let joined = ServerFrame::Joined {
+            room: room.clone(),
+            last_seq,
+            online,
+        };
+        self.send(joined, reference).await?;
+        let membership = self.ctx.hub.enter(&room);
+        let cursor = since.map_or(last_seq, |s| s.min(last_seq));
+        match self
+            .replay_and_attach(&room, &membership, cursor, since.is_some())
+            .await
+        {
+            Ok(()) => {
+                self.rooms.insert(room, membership);
+                Ok(())
+            }
+            Err(e) => {
+                self.ctx.hub.exit(membership, self.id).await;
+                self.ctx.hub.presence_exit(&room, &self.user).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the backlog after `cursor` (when asked), then hands over to live delivery.
+    async fn replay_and_attach(
+        &self,
+        room: &RoomName,
+        membership: &RoomRef,
+        mut cursor: u64,
+        replay_first: bool,
+    ) -> Result<(), Handled> {
+        let deadline = self.ctx.settings.store_timeout();
+        let mut target = if replay_first { Some(u64::MAX) } else { None };
+        loop {
+            if let Some(target) = target {
+                cursor = self.replay(room, cursor, target).await?;
+            }
+            let attached = tokio::time::timeout(
+                deadline,
+                self.ctx.hub.attach(membership, self.outbox.clone(), cursor),
+            )
+            .await
+            .map_err(|_| Failure::new(ErrorCode::Unavailable, "room is not available right now"))?
+            .map_err(Failure::from)?;
+            match attached {
+                Attach::Done => return Ok(()),
+                Attach::NeedBacklogTo(seq) => target = Some(seq),
+            }
+        }
+    }
+
+    /// Sends stored messages after `cursor` up to `target` (or the end); returns the new cursor.
+    async fn replay(&self, room: &RoomName, mut cursor: u64, target: u64) -> Result<u64, Handled> {
+        while cursor < target {
+            let page = self
+                .ctx
+                .store
+                .messages_after(room, cursor, BACKLOG_PAGE)
+                .await
+                .map_err(Failure::from)?;
+            for message in &page.messages {
+                self.push(Outbound::Frame(encode_message(message))).await?;
+                cursor = message.seq;
+            }
+            if !page.has_more {
+                break;
+            }
+        }
+        Ok(cursor)
+    }
+
+    async fn send_message(
+        &mut self,
+        room: RoomName,
+        body: MessageBody,
+        client_id: Option<ClientId>,
+        reference: Option<Ref>,
+    ) -> Result<(), Handled> {
+        let membership = self.rooms.get(&room).ok_or_else(not_joined)?.clone();
+        let started = Instant::now();
+        let committed = self
+            .ctx
+            .store
+            .append(&NewMessage {
+                room: room.clone(),
+                from: self.user.clone(),
+                body,
+                client_id,
+            })
+            .await
+            .map_err(Failure::from)?;
+        let message = committed.message;
+        let sent = ServerFrame::Sent {
+            room: room.clone(),
+            seq: message.seq,
+            ts: message.ts,
+            client_id: message.client_id.clone(),
+        };
+        self.send(sent, reference).await?;
+        metrics::histogram!("chat_send_ack_seconds").record(started.elapsed());
+        if committed.duplicate {
+            return Ok(());
+        }
+        metrics::counter!("chat_messages_committed_total").increment(1);
+        let frame = encode_message(&message);
+        let event = bus::encode_message(message.seq, &self.ctx.gateway, frame.as_str());
+        self.ctx
+            .hub
+            .deliver_local(&membership, message.seq, frame)
+            .await;
+        // Published inline so one session's messages leave in seq order; only a failure is
+        // retried in the background.
+        if self.ctx.bus.publish(&room, event.clone()).await.is_err() {
+            self.retry_publish(room, event);
+        }
+        Ok(())
+    }
+
+    /// Retries a failed publish briefly. Receivers would also repair the loss from the store
+    /// (gap detection, resync after a reconnect), but a prompt retry spares them the wait.
+    fn retry_publish(&self, room: RoomName, event: bytes::Bytes) {
+        let bus = self.ctx.bus.clone();
+        self.ctx.tasks.spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            for _ in 0..3 {
+                tokio::time::sleep(delay).await;
+                if bus.publish(&room, event.clone()).await.is_ok() {
+                    return;
+                }
+                delay *= 2;
+            }
+            metrics::counter!("chat_publish_failures_total").increment(1);
+            tracing::warn!("publish failed; receivers will fill the gap from the store");
+        });
+    }
+
+    /// Leaves every room (the socket closed).
+    pub async fn close(mut self) {
+        for (room, membership) in std::mem::take(&mut self.rooms) {
+            self.ctx.hub.exit(membership, self.id).await;
+            self.ctx.hub.presence_exit(&room, &self.user).await;
+        }
+    }
+}
+
+/// Why a frame was not handled: the client was told (Failed), or is gone.
+enum Handled {
+    Failed(Failure),
+    Gone,
+}
+
+impl From<Failure> for Handled {
+    fn from(f: Failure) -> Self {
+        Handled::Failed(f)
+    }
+}
+
+impl From<Gone> for Handled {
+    fn from(_: Gone) -> Self {
+        Handled::Gone
+    }
+}
+
+fn not_joined() -> Failure {
+    Failure::new(ErrorCode::NotJoined, "join the room first")
+}
+
+fn forbidden() -> Failure {
+    Failure::new(
+        ErrorCode::Forbidden,
+        "this direct room belongs to other users",
+    )
+}

@@ -1,0 +1,414 @@
+//! The clustered store: Postgres through a deadpool connection pool.
+//!
+//! `seq` is assigned by bumping `rooms.last_seq` in the same statement that inserts the message:
+//! the row lock serialises writers of one room, so seq N+1 never commits before seq N.
+
+use super::migrations::MIGRATIONS;
+use super::{
+    Committed, NewMessage, Page, Store, StoreError, direct_members, now_ms, row_message,
+    with_deadline,
+};
+use async_trait::async_trait;
+use chat_protocol::api::RoomSummary;
+use chat_protocol::{RoomKind, RoomName, Username};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use secrecy::{ExposeSecret, SecretString};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+/// Any number; it only has to be the same on every replica.
+const MIGRATION_LOCK_KEY: i64 = 0x6368_6174; // "chat"
+
+pub struct PostgresStore {
+    pool: Pool,
+    deadline: Duration,
+}
+
+impl PostgresStore {
+    /// Connects, and applies pending migrations under an advisory lock.
+    pub async fn connect(
+        url: &SecretString,
+        pool_size: usize,
+        deadline: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut pg = tokio_postgres::Config::from_str(url.expose_secret())
+            .map_err(|e| StoreError::Internal(format!("CHAT_DATABASE_URL is invalid: {e}")))?;
+        pg.connect_timeout(deadline);
+        pg.keepalives_idle(Duration::from_secs(30));
+        if pg.get_application_name().is_none() {
+            pg.application_name("chat-gateway");
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(deadline))
+            .create_timeout(Some(deadline))
+            .recycle_timeout(Some(deadline))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(format!("building the Postgres pool: {e}")))?;
+        let store = PostgresStore { pool, deadline };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // Migrations may take longer than a query; the lock wait is bounded by the other
+        // replica's migration, itself bounded by this deadline.
+        let deadline = self.deadline.max(Duration::from_secs(30));
+        with_deadline(deadline, async {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+                .await
+                .map_err(pg_error)?;
+            let result = async {
+                client
+                    .batch_execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations (
+                            version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let row = client
+                    .query_one(
+                        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let current: i64 = row.get(0);
+                for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+                    let tx = client.transaction().await.map_err(pg_error)?;
+                    tx.batch_execute(sql).await.map_err(pg_error)?;
+                    tx.execute(
+                        "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                        &[version, &now_ms()],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.commit().await.map_err(pg_error)?;
+                    tracing::info!(version, "applied schema migration");
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+                .await
+                .map_err(pg_error)?;
+            result
+        })
+        .await
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn try_append(
+        client: &deadpool_postgres::Object,
+        m: &NewMessage,
+    ) -> Result<Option<Committed>, tokio_postgres::Error> {
+        const SQL: &str = "
+            WITH dup AS (
+                SELECT seq, ts, body FROM messages
+                WHERE room = $1 AND sender = $2 AND client_id = $4
+            ), bumped AS (
+                UPDATE rooms SET last_seq = last_seq + 1
+                WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM dup)
+                RETURNING last_seq
+            ), ins AS (
+                INSERT INTO messages (room, seq, sender, body, ts, client_id)
+                SELECT $1, last_seq, $2, $3,
+                       (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $4
+                FROM bumped
+                RETURNING seq, ts, body
+            )
+            SELECT seq, ts, body, false FROM ins
+            UNION ALL
+            SELECT seq, ts, body, true FROM dup";
+        let stmt = client.prepare_cached(SQL).await?;
+        let client_id = m.client_id.as_ref().map(|c| c.as_str());
+        let row = client
+            .query_opt(
+                &stmt,
+                &[
+                    &m.room.as_str(),
+                    &m.from.as_str(),
+                    &m.body.as_str(),
+                    &client_id,
+                ],
+            )
+            .await?;
+        Ok(row.map(|row| {
+            let seq: i64 = row.get(0);
+            Committed {
+                message: chat_protocol::StoredMessage {
+                    room: m.room.clone(),
+                    seq: seq as u64,
+                    from: m.from.clone(),
+                    body: row.get(2),
+                    ts: row.get(1),
+                    client_id: client_id.map(str::to_string),
+                },
+                duplicate: row.get(3),
+            }
+        }))
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => {
+            StoreError::Internal("unexpected duplicate key".into())
+        }
+        Some(code) => {
+            let class = &code.code()[..2];
+            // 08: connection, 53: resources, 57: operator intervention (shutdown), 40: retryable.
+            if matches!(class, "08" | "53" | "57" | "40") {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Internal(e.to_string())
+            }
+        }
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_user(&self, user: &Username, password_hash: &str) -> Result<(), StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let inserted = client
+                .execute(
+                    "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO NOTHING",
+                    &[&user.as_str(), &password_hash, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if inserted == 0 {
+                Err(StoreError::UsernameTaken)
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn password_hash(&self, user: &Username) -> Result<Option<String>, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT password_hash FROM users WHERE name = $1",
+                    &[&user.as_str()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+
+    async fn ensure_room(&self, room: &RoomName) -> Result<u64, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let select = client
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                .await
+                .map_err(pg_error)?;
+            if let Some(row) = client
+                .query_opt(&select, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?
+            {
+                return Ok(row.get::<_, i64>(0) as u64);
+            }
+            let (kind, a, b) = match (room.kind(), direct_members(room)) {
+                (RoomKind::Direct, Some((a, b))) => {
+                    let row = client
+                        .query_one(
+                            "SELECT count(*) FROM users WHERE name = $1 OR name = $2",
+                            &[&a, &b],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    if row.get::<_, i64>(0) != 2 {
+                        return Err(StoreError::NotFound("no such user for this direct room"));
+                    }
+                    ("direct", Some(a), Some(b))
+                }
+                _ => ("public", None, None),
+            };
+            client
+                .execute(
+                    "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                    &[&room.as_str(), &kind, &a, &b, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_one(&select, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+        .await
+    }
+
+    async fn last_seq(&self, room: &RoomName) -> Result<Option<u64>, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_opt(&stmt, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        })
+        .await
+    }
+
+    async fn append(&self, message: &NewMessage) -> Result<Committed, StoreError> {
+        with_deadline(self.deadline, async {
+            // A concurrent resend of the same client_id loses the race on the unique index;
+            // its statement rolls back whole (seq included) and the retry finds the winner.
+            let client = self.client().await?;
+            for _ in 0..2 {
+                match Self::try_append(&client, message).await {
+                    Ok(Some(committed)) => return Ok(committed),
+                    Ok(None) => return Err(StoreError::NotFound("no such room")),
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                    Err(e) => return Err(pg_error(e)),
+                }
+            }
+            Err(StoreError::Internal(
+                "idempotent append did not settle".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT seq, sender, body, ts, client_id FROM messages
+                     WHERE room = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
+                )
+                .await
+                .map_err(pg_error)?;
+            let rows = client
+                .query(
+                    &stmt,
+                    &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
+                )
+                .await
+                .map_err(pg_error)?;
+            let has_more = rows.len() > limit as usize;
+            let messages = rows
+                .into_iter()
+                .take(limit as usize)
+                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect::<Result<_, _>>()?;
+            Ok(Page { messages, has_more })
+        })
+        .await
+    }
+
+    async fn messages_before(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT seq, sender, body, ts, client_id FROM messages
+                     WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                )
+                .await
+                .map_err(pg_error)?;
+            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+            let rows = client
+                .query(&stmt, &[&room.as_str(), &before, &(i64::from(limit) + 1)])
+                .await
+                .map_err(pg_error)?;
+            let has_more = rows.len() > limit as usize;
+            let mut messages = rows
+                .into_iter()
+                .take(limit as usize)
+                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect::<Result<Vec<_>, _>>()?;
+            messages.reverse();
+            Ok(Page { messages, has_more })
+        })
+        .await
+    }
+
+    async fn rooms_for(&self, user: &Username, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT name, last_seq FROM rooms
+                     WHERE kind = 'public' OR dm_a = $1 OR dm_b = $1
+                     ORDER BY name LIMIT $2",
+                    &[&user.as_str(), &i64::from(limit)],
+                )
+                .await
+                .map_err(pg_error)?;
+            rows.into_iter()
+                .map(|r| {
+                    let name: String = r.get(0);
+                    Ok(RoomSummary {
+                        room: RoomName::parse(name).map_err(|_| {
+                            StoreError::Internal("stored room name is invalid".into())
+                        })?,
+                        last_seq: r.get::<_, i64>(1) as u64,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        with_deadline(self.deadline, async {
+            let client = self.client().await?;
+            client.simple_query("SELECT 1").await.map_err(pg_error)?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,624 @@
+//! Protocol v1, as a client sees it, in both modes.
+
+use crate::helpers::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Defines a test once per mode.
+macro_rules! both_modes {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$body(super::Backend::Embedded).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn clustered() {
+                super::$body(super::Backend::Clustered).await;
+            }
+        }
+    };
+}
+
+both_modes!(accounts, accounts_body);
+async fn accounts_body(backend: Backend) {
+    let services = Services::start(backend);
+    let gw = services.gateway().await;
+    let http = reqwest::Client::new();
+    let name = unique("acct");
+    let post = |path: &str, body: Value| http.post(gw.http(path)).json(&body).send();
+    let r = post(
+        "/api/register",
+        json!({"username": name, "password": "password123"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["user"], json!(name));
+    assert!(body["token"].as_str().unwrap().len() > 20);
+
+    let r = post(
+        "/api/register",
+        json!({"username": name, "password": "password123"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "username_taken");
+
+    for (user, password) in [
+        ("Bad Name", "password123"),
+        ("ok_name", "short"),
+        ("x", "password123"),
+    ] {
+        let r = post(
+            "/api/register",
+            json!({"username": user, "password": password}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 400, "{user}/{password}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "bad_request");
+    }
+    let r = http
+        .post(gw.http("/api/register"))
+        .body("not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let r = post(
+        "/api/login",
+        json!({"username": name, "password": "password123"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = post(
+        "/api/login",
+        json!({"username": name, "password": "wrong-password"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    let r = post(
+        "/api/login",
+        json!({"username": "nobody_here", "password": "password123"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The token from login opens a session.
+    Client::connect(gw.port, &name, &token).await;
+    gw.stop().await;
+}
+
+both_modes!(hello_rules, hello_rules_body);
+async fn hello_rules_body(backend: Backend) {
+    let services = Services::start(backend);
+    let mut settings = services.settings();
+    settings.hello_timeout_ms = 300;
+    let gw = Gateway::start(settings).await;
+    let (user, token) = register(gw.port, "hi").await;
+
+    let client = Client::connect(gw.port, &user, &token).await;
+    drop(client);
+
+    // A forged token, a frame other than hello, and silence are all refused with 1008.
+    let cases = [
+        Some(json!({"type": "hello", "token": format!("{token}x"), "ref": 1})),
+        Some(json!({"type": "join", "room": "general"})),
+        Some(json!({"type": "hello"})),
+        None,
+    ];
+    for case in cases {
+        let mut client = Client::connect_raw(gw.port).await;
+        if let Some(frame) = &case {
+            client.send(frame.clone()).await;
+        }
+        let error = client.recv().await;
+        assert_eq!(error["type"], "error", "{case:?}");
+        assert_eq!(error["code"], "unauthorized", "{case:?}");
+        if let Some(r) = case.as_ref().and_then(|c| c.get("ref")) {
+            assert_eq!(&error["ref"], r);
+        }
+        assert_eq!(client.closed().await, 1008, "{case:?}");
+    }
+    gw.stop().await;
+}
+
+both_modes!(chat_in_a_room, chat_in_a_room_body);
+async fn chat_in_a_room_body(backend: Backend) {
+    let services = Services::start(backend);
+    let gw = services.gateway().await;
+    let (alice, ta) = register(gw.port, "alice").await;
+    let (bob, tb) = register(gw.port, "bob").await;
+    let room = unique("room");
+    let mut a = Client::connect(gw.port, &alice, &ta).await;
+    let mut b = Client::connect(gw.port, &bob, &tb).await;
+    let joined = a.join(&room).await;
+    assert_eq!(joined["last_seq"], 0);
+    assert_eq!(joined["online"], json!([alice]));
+    let joined = b.join(&room).await;
+    let mut online: Vec<String> = serde_json::from_value(joined["online"].clone()).unwrap();
+    online.sort();
+    let mut expected = vec![alice.clone(), bob.clone()];
+    expected.sort();
+    assert_eq!(online, expected);
+    let presence = a.recv_type("presence").await;
+    assert_eq!(
+        presence,
+        json!({"type":"presence","room":room,"user":bob,"state":"online"})
+    );
+
+    a.send(
+        json!({"type":"send","room":room,"body":"hello <b>bob</b>","client_id":"c-1","ref":"s1"}),
+    )
+    .await;
+    let sent = a.recv().await;
+    assert_eq!(sent["type"], "sent");
+    assert_eq!(sent["ref"], "s1");
+    assert_eq!(sent["seq"], 1);
+    assert_eq!(sent["client_id"], "c-1");
+    let ts = sent["ts"].as_i64().unwrap();
+    for client in [&mut a, &mut b] {
+        let m = client.next_message().await;
+        assert_eq!(
+            m,
+            json!({"type":"message","room":room,"seq":1,"from":alice,"body":"hello <b>bob</b>","ts":ts,"client_id":"c-1"})
+        );
+    }
+
+    // The same client_id again: the first `sent`, nothing stored, nothing delivered.
+    let again = a
+        .request(json!({"type":"send","room":room,"body":"hello <b>bob</b>","client_id":"c-1"}))
+        .await;
+    assert_eq!(
+        (
+            again["type"].clone(),
+            again["seq"].clone(),
+            again["ts"].clone()
+        ),
+        (json!("sent"), json!(1), json!(ts))
+    );
+    assert_eq!(b.say(&room, "reply").await, 2);
+    assert_eq!(b.next_message().await["seq"], 2);
+    assert_eq!(
+        a.next_message().await["seq"],
+        2,
+        "the resend must not have been delivered"
+    );
+
+    // Typing reaches the others, not the typist.
+    a.send(json!({"type":"typing","room":room})).await;
+    assert_eq!(
+        b.recv().await,
+        json!({"type":"typing","room":room,"user":alice})
+    );
+    let pong = a.request(json!({"type":"ping"})).await;
+    assert_eq!(
+        pong["type"], "pong",
+        "a typist gets no typing notice of its own"
+    );
+
+    // Leaving stops delivery and tells the others.
+    let left = b.request(json!({"type":"leave","room":room})).await;
+    assert_eq!(left["type"], "left");
+    assert_eq!(a.recv_type("presence").await["state"], "offline");
+    a.say(&room, "after bob left").await;
+    assert_eq!(a.next_message().await["seq"], 3);
+    b.quiet(Duration::from_millis(200)).await;
+    gw.stop().await;
+}
+
+both_modes!(history_and_resume, history_and_resume_body);
+async fn history_and_resume_body(backend: Backend) {
+    let services = Services::start(backend);
+    let gw = services.gateway().await;
+    let (alice, ta) = register(gw.port, "alice").await;
+    let (bob, tb) = register(gw.port, "bob").await;
+    let room = unique("hist");
+    let mut a = Client::connect(gw.port, &alice, &ta).await;
+    a.join(&room).await;
+    for i in 1..=5 {
+        assert_eq!(a.say(&room, &format!("m{i}")).await, i);
+    }
+    assert_eq!(message_seqs(&mut a, 5).await, vec![1, 2, 3, 4, 5]);
+
+    let h = a
+        .request(json!({"type":"history","room":room,"limit":2}))
+        .await;
+    let seqs: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!((seqs, h["has_more"].clone()), (vec![4, 5], json!(true)));
+    let h = a
+        .request(json!({"type":"history","room":room,"before":4,"limit":200}))
+        .await;
+    let seqs: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!((seqs, h["has_more"].clone()), (vec![1, 2, 3], json!(false)));
+    let h = a.request(json!({"type":"history","room":room})).await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 5);
+    assert_eq!(h["messages"][0]["body"], "m1");
+
+    // Bob resumes from seq 2: gets 3..=5 from history, then live messages, no gap, no dup.
+    let mut b = Client::connect(gw.port, &bob, &tb).await;
+    b.send(json!({"type":"join","room":room,"since":2,"ref":"j"}))
+        .await;
+    let joined = b.recv().await;
+    assert_eq!(
+        (joined["type"].clone(), joined["last_seq"].clone()),
+        (json!("joined"), json!(5))
+    );
+    assert_eq!(message_seqs(&mut b, 3).await, vec![3, 4, 5]);
+    a.say(&room, "live").await;
+    assert_eq!(b.next_message().await["seq"], 6);
+
+    // HTTP history: bearer required; before/after pages.
+    let http = reqwest::Client::new();
+    let url = gw.http(&format!("/api/rooms/{room}/messages"));
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth("garbage")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let page: Value = http
+        .get(format!("{url}?after=4&limit=1"))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (page["messages"][0]["seq"].clone(), page["has_more"].clone()),
+        (json!(5), json!(true))
+    );
+    let page: Value = http
+        .get(format!("{url}?before=3"))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    let r = http
+        .get(format!("{url}?limit=500"))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let rooms: Value = http
+        .get(gw.http("/api/rooms"))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = rooms["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["room"] == json!(room))
+        .cloned();
+    assert_eq!(listed.unwrap()["last_seq"], 6);
+    assert_eq!(
+        http.get(gw.http("/api/rooms"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    gw.stop().await;
+}
+
+both_modes!(direct_rooms_are_private, direct_rooms_body);
+async fn direct_rooms_body(backend: Backend) {
+    let services = Services::start(backend);
+    let gw = services.gateway().await;
+    let (alice, ta) = register(gw.port, "a").await;
+    let (bob, tb) = register(gw.port, "b").await;
+    let (carol, tc) = register(gw.port, "c").await;
+    let (x, y) = if alice < bob {
+        (&alice, &bob)
+    } else {
+        (&bob, &alice)
+    };
+    let dm = format!("dm:{x}:{y}");
+    let mut a = Client::connect(gw.port, &alice, &ta).await;
+    let mut b = Client::connect(gw.port, &bob, &tb).await;
+    let mut c = Client::connect(gw.port, &carol, &tc).await;
+    a.join(&dm).await;
+    b.join(&dm).await;
+    a.say(&dm, "secret").await;
+    assert_eq!(b.next_message().await["body"], "secret");
+
+    for frame in [
+        json!({"type":"join","room":dm}),
+        json!({"type":"history","room":dm}),
+    ] {
+        let e = c.request(frame).await;
+        assert_eq!(
+            (e["type"].clone(), e["code"].clone()),
+            (json!("error"), json!("forbidden"))
+        );
+    }
+    let e = c
+        .request(json!({"type":"send","room":dm,"body":"hi"}))
+        .await;
+    assert_eq!(e["code"], "not_joined");
+    let http = reqwest::Client::new();
+    let r = http
+        .get(gw.http(&format!("/api/rooms/{dm}/messages")))
+        .bearer_auth(&tc)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .get(gw.http(&format!("/api/rooms/{dm}/messages")))
+        .bearer_auth(&ta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Only the two members see the room in their list.
+    let rooms: Value = http
+        .get(gw.http("/api/rooms"))
+        .bearer_auth(&tc)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!rooms.to_string().contains(&dm));
+    let rooms: Value = http
+        .get(gw.http("/api/rooms"))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(rooms.to_string().contains(&dm));
+    // A direct room with a user who does not exist.
+    let ghost = if carol.as_str() < "zzz_ghost" {
+        format!("dm:{carol}:zzz_ghost")
+    } else {
+        format!("dm:zzz_ghost:{carol}")
+    };
+    let e = c.request(json!({"type":"join","room":ghost})).await;
+    assert_eq!(e["code"], "not_found");
+    gw.stop().await;
+}
+
+both_modes!(bad_input_is_answered_and_harmless, bad_input_body);
+async fn bad_input_body(backend: Backend) {
+    let services = Services::start(backend);
+    let mut settings = services.settings();
+    settings.rate_per_sec = 1;
+    // The rejected send and typing below each take a token too: 2 + 5 sends.
+    settings.rate_burst = 7;
+    let gw = Gateway::start(settings).await;
+    let (user, token) = register(gw.port, "bad").await;
+    let mut c = Client::connect(gw.port, &user, &token).await;
+    let room = unique("r");
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "bad_request"),
+        ("[1,2]".into(), "bad_request"),
+        (r#"{"type":"dance","ref":"x"}"#.into(), "bad_request"),
+        (r#"{"type":"join","ref":"x"}"#.into(), "bad_request"),
+        (
+            r#"{"type":"join","room":"No Spaces","ref":"x"}"#.into(),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"join","room":"ok","since":"x","ref":"x"}"#.into(),
+            "bad_request",
+        ),
+        (
+            format!(r#"{{"type":"send","room":"{room}","body":"hi","ref":"x"}}"#),
+            "not_joined",
+        ),
+        (
+            format!(r#"{{"type":"typing","room":"{room}","ref":"x"}}"#),
+            "not_joined",
+        ),
+        (
+            format!(r#"{{"type":"leave","room":"{room}","ref":"x"}}"#),
+            "not_joined",
+        ),
+        (
+            format!(r#"{{"type":"history","room":"{room}","limit":201,"ref":"x"}}"#),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"hello","token":"t","ref":"x"}"#.into(),
+            "bad_request",
+        ),
+    ];
+    for (text, code) in cases {
+        c.send_text(text.clone()).await;
+        let e = c.recv().await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{text}"
+        );
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        if text.contains(r#""ref":"x""#) {
+            assert_eq!(e["ref"], "x", "{text}");
+        }
+    }
+    c.join(&room).await;
+    let e = c
+        .request(json!({"type":"send","room":room,"body":"x".repeat(4001)}))
+        .await;
+    assert_eq!(e["code"], "too_large");
+    let e = c
+        .request(json!({"type":"send","room":room,"body":""}))
+        .await;
+    assert_eq!(e["code"], "bad_request");
+    // The connection still works, and 4000 characters is fine (5 is this test's burst).
+    assert_eq!(c.say(&room, &"é".repeat(4000)).await, 1);
+    for _ in 0..4 {
+        c.say(&room, "within the burst").await;
+    }
+    let e = c
+        .request(json!({"type":"send","room":room,"body":"one too many"}))
+        .await;
+    assert_eq!(e["code"], "rate_limited");
+    let pong = c.request(json!({"type":"ping"})).await;
+    assert_eq!(
+        pong["type"], "pong",
+        "ping is not rate limited and the socket stays open"
+    );
+    // Nothing rate limited was stored.
+    let h = c.request(json!({"type":"history","room":room})).await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 5);
+
+    // A frame over 64 KiB closes the socket with 1009.
+    c.send_text(format!(
+        r#"{{"type":"send","room":"{room}","body":"{}"}}"#,
+        "x".repeat(70_000)
+    ))
+    .await;
+    assert_eq!(c.closed().await, 1009);
+    gw.stop().await;
+}
+
+both_modes!(health_and_metrics, health_body);
+async fn health_body(backend: Backend) {
+    let services = Services::start(backend);
+    let gw = services.gateway().await;
+    assert_eq!(
+        reqwest::get(gw.http("/healthz")).await.unwrap().status(),
+        200
+    );
+    // Ready once the bus's first probe came back.
+    let mut ready = false;
+    for _ in 0..100 {
+        if reqwest::get(gw.http("/readyz")).await.unwrap().status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "readyz never 200");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("chat_build_info"), "{metrics}");
+    let r = reqwest::get(gw.http("/nope")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    gw.stop().await;
+}
+
+both_modes!(slow_consumers_are_disconnected, slow_consumer_body);
+async fn slow_consumer_body(backend: Backend) {
+    let services = Services::start(backend);
+    let mut settings = services.settings();
+    settings.outbound_queue = 8;
+    settings.rate_per_sec = 10_000;
+    settings.rate_burst = 10_000;
+    let gw = Gateway::start(settings).await;
+    let (alice, ta) = register(gw.port, "fast").await;
+    let (bob, tb) = register(gw.port, "slow").await;
+    let room = unique("flood");
+    let mut a = Client::connect(gw.port, &alice, &ta).await;
+    let mut b = Client::connect(gw.port, &bob, &tb).await;
+    a.join(&room).await;
+    b.join(&room).await;
+    // Bob stops reading; Alice floods. Bob's queue overflows and he is told to go (4008).
+    let body = "y".repeat(4000);
+    let mut sent = 0;
+    while sent < 2000 {
+        a.send(json!({"type":"send","room":room,"body":body})).await;
+        sent += 1;
+        if sent % 50 == 0 {
+            // Drain alice's own replies so she is not the slow one.
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(1), a.recv_opt()).await
+            {}
+        }
+        if gw_kicked(&gw).await {
+            break;
+        }
+    }
+    assert!(gw_kicked(&gw).await, "no slow consumer was disconnected");
+    assert_eq!(b.closed_after_backlog().await, 4008);
+    gw.stop().await;
+}
+
+async fn gw_kicked(gw: &Gateway) -> bool {
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .any(|l| l.starts_with("chat_slow_consumers_total") && !l.ends_with(" 0"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_history_survives_a_restart() {
+    let services = Services::start(Backend::Embedded);
+    let mut settings = services.settings();
+    settings.jwt_secret = None; // generated once and kept in the data dir
+    let gw = Gateway::start(settings.clone()).await;
+    let (user, token) = register(gw.port, "keep").await;
+    let mut c = Client::connect(gw.port, &user, &token).await;
+    c.join("lobby").await;
+    c.say("lobby", "remember me").await;
+    drop(c);
+    gw.stop().await;
+    let gw = Gateway::start(settings).await;
+    // The same token still works: the secret was kept.
+    let mut c = Client::connect(gw.port, &user, &token).await;
+    let joined = c.join("lobby").await;
+    assert_eq!(joined["last_seq"], 1);
+    let h = c.request(json!({"type":"history","room":"lobby"})).await;
+    assert_eq!(h["messages"][0]["body"], "remember me");
+    gw.stop().await;
+}
