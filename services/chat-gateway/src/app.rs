@@ -15,6 +15,7 @@ use crate::{http, telemetry, ws};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
@@ -178,6 +179,12 @@ impl Application {
         let public = {
             let stopped = stopped.clone();
             let app = Self::router(ctx.clone());
+            // Chat frames are small and latency-bound: never let Nagle hold one back.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
             tokio::spawn(async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stopped.cancelled_owned())

@@ -66,7 +66,7 @@ pub struct Settings {
     #[arg(long, env = "CHAT_RATE_BURST", default_value_t = 20)]
     pub rate_burst: u32,
 
-    /// Other frames (join, leave, history, ping) a connection may send per second.
+    /// Other frames (join, leave, history; ping is free) a connection may send per second.
     #[arg(long, env = "CHAT_FRAME_RATE_PER_SEC", default_value_t = 50)]
     pub frame_rate_per_sec: u32,
 

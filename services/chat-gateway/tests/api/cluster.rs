@@ -54,11 +54,15 @@ async fn a_killed_gateways_clients_resume_elsewhere_without_loss() {
     let survivor = GatewayProcess::start(&s, &[]).await;
     let (alice, ta) = register(survivor.port, "alice").await;
     let (bob, tb) = register(survivor.port, "bob").await;
+    let (carol, tc) = register(survivor.port, "carol").await;
     let room = unique("kill");
     let mut a = Client::connect(survivor.port, &alice, &ta).await;
     let mut b = Client::connect(doomed.port, &bob, &tb).await;
     a.join(&room).await;
     b.join(&room).await;
+    // Carol is on the doomed gateway too, and does not come back.
+    let mut c = Client::connect(doomed.port, &carol, &tc).await;
+    c.join(&room).await;
     for _ in 0..5 {
         a.say(&room, "before").await;
     }
@@ -76,12 +80,17 @@ async fn a_killed_gateways_clients_resume_elsewhere_without_loss() {
     a.say(&room, "after").await;
     assert_eq!(message_seqs(&mut b, 6).await, (6..=11).collect::<Vec<_>>());
     b.quiet(Duration::from_millis(300)).await;
-    // The dead gateway's presence is withdrawn by the survivors' heartbeat (3 s in tests).
+    // The dead gateway's presence is withdrawn by the survivors' heartbeat (3 s in tests):
+    // carol goes offline; bob, back on the survivor, stays online.
     let started = Instant::now();
     loop {
         let frame = a.recv().await;
-        if frame["type"] == "presence" && frame["user"] == json!(bob) && frame["state"] == "offline"
-        {
+        let offline = frame["type"] == "presence" && frame["state"] == "offline";
+        assert!(
+            !(offline && frame["user"] == json!(bob)),
+            "bob is back: {frame}"
+        );
+        if offline && frame["user"] == json!(carol) {
             break;
         }
     }

@@ -232,9 +232,13 @@ pub struct Client {
 }
 
 pub async fn raw_ws(port: u16) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
-        .await
-        .expect("websocket connects");
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://127.0.0.1:{port}/ws"),
+        None,
+        true,
+    )
+    .await
+    .expect("websocket connects");
     ws
 }
 
@@ -253,6 +257,31 @@ impl Client {
         client
     }
 
+    /// Connects with a tiny socket receive buffer, so that not reading backs up quickly.
+    pub async fn connect_small_buffer(port: u16, user: &str, token: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("tcp connects");
+        tcp.set_nodelay(true).unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://127.0.0.1:{port}/ws"),
+            MaybeTlsStream::Plain(tcp),
+        )
+        .await
+        .expect("websocket connects");
+        let mut client = Client {
+            ws,
+            user: user.to_string(),
+            stash: Default::default(),
+        };
+        client.send(json!({"type": "hello", "token": token})).await;
+        assert_eq!(client.recv().await["type"], "welcome");
+        client
+    }
+
     /// Connects without a hello.
     pub async fn connect_raw(port: u16) -> Client {
         Client {
@@ -262,30 +291,23 @@ impl Client {
         }
     }
 
-    /// The next text frame, or `None` if the socket ended.
-    pub async fn recv_opt(&mut self) -> Option<Value> {
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).ok(),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                _ => return None,
-            }
-        }
-    }
-
     /// Reads whatever was queued before the close, then returns the close code.
     pub async fn closed_after_backlog(&mut self) -> u16 {
         let started = std::time::Instant::now();
+        let mut n = 0;
         while started.elapsed() < Duration::from_secs(30) {
             match tokio::time::timeout(WAIT, self.ws.next()).await {
                 Ok(Some(Ok(Message::Close(Some(frame))))) => return frame.code.into(),
                 Ok(Some(Ok(Message::Close(None)))) | Ok(None) => return 1005,
-                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Ok(_))) => {
+                    n += 1;
+                    continue;
+                }
                 Ok(Some(Err(e))) => panic!("{}: socket error before close: {e}", self.user),
                 Err(_) => break,
             }
         }
-        panic!("{}: not closed", self.user);
+        panic!("{}: not closed after {n} frames", self.user);
     }
 
     pub async fn send(&mut self, frame: Value) {
@@ -369,6 +391,11 @@ impl Client {
         let read = std::mem::replace(&mut self.stash, stash);
         debug_assert!(read.is_empty());
         frame
+    }
+
+    /// Drops frames read while waiting for replies.
+    pub fn forget_stash(&mut self) {
+        self.stash.clear();
     }
 
     /// The next `message` frame.
