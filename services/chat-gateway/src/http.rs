@@ -8,10 +8,11 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use chat_protocol::api::{Credentials, MessagesResponse, RoomsResponse, TokenResponse};
+use chat_protocol::api::{
+    Credentials, MessagesQuery, MessagesResponse, RoomsResponse, TokenResponse,
+};
 use chat_protocol::frames::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT};
 use chat_protocol::{ErrorCode, NameError, Password, RoomName, Username};
-use serde::Deserialize;
 use std::time::Duration;
 
 /// Rooms `GET /api/rooms` lists at most.
@@ -83,13 +84,6 @@ pub async fn rooms(
 ) -> Result<Json<RoomsResponse>, Failure> {
     let rooms = ctx.store.rooms_for(&user, ROOMS_LIMIT).await?;
     Ok(Json(RoomsResponse { rooms }))
-}
-
-#[derive(Deserialize)]
-pub struct MessagesQuery {
-    before: Option<u64>,
-    after: Option<u64>,
-    limit: Option<u32>,
 }
 
 pub async fn messages(

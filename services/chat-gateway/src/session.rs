@@ -96,6 +96,16 @@ impl Session {
             .await
     }
 
+    /// Answers a binary frame: the protocol is JSON text only.
+    pub async fn reject_binary(&mut self) -> Result<(), Gone> {
+        metrics::counter!("chat_frames_received_total", "type" => "binary").increment(1);
+        let failure = Failure::new(
+            ErrorCode::BadRequest,
+            "binary frames are not supported; send JSON text frames",
+        );
+        self.fail(failure, None).await
+    }
+
     /// Handles one text frame from the client.
     pub async fn handle_text(&mut self, text: &str) -> Result<(), Gone> {
         let (reference, frame) = match parse_client_frame(text) {

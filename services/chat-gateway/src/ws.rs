@@ -236,8 +236,7 @@ async fn read_loop(
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        let text = r#"{"type":"binary"}"#;
-                        if session.handle_text(text).await.is_err() {
+                        if session.reject_binary().await.is_err() {
                             break ("gone", None);
                         }
                     }

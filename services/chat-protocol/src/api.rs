@@ -31,6 +31,14 @@ pub struct RoomsResponse {
     pub rooms: Vec<RoomSummary>,
 }
 
+/// The query of `GET /api/rooms/{room}/messages`: `before` or `after` a seq, at most `limit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MessagesQuery {
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    pub limit: Option<u32>,
+}
+
 /// `GET /api/rooms/{room}/messages`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MessagesResponse {

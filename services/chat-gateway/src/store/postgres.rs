@@ -110,8 +110,12 @@ impl PostgresStore {
         .await
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+    async fn checkout(&self) -> Result<Checkout, StoreError> {
+        let object = self.pool.get().await.map_err(pool_error)?;
+        Ok(Checkout {
+            object: Some(object),
+            settled: false,
+        })
     }
 
     async fn try_append(
@@ -166,6 +170,40 @@ impl PostgresStore {
     }
 }
 
+/// A pooled connection that is thrown away instead of returned if the call using it is
+/// abandoned at its deadline: a connection stuck on a hung peer must not serve the next call.
+struct Checkout {
+    object: Option<deadpool_postgres::Object>,
+    settled: bool,
+}
+
+impl Checkout {
+    /// The call finished (well or not): the connection may go back to the pool.
+    fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        // `object` is only taken in `drop`.
+        self.object.as_ref().expect("checked-out connection")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if !self.settled
+            && let Some(object) = self.object.take()
+        {
+            metrics::counter!("chat_store_connections_discarded_total").increment(1);
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
 fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => pg_error(e),
@@ -195,98 +233,118 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
 impl Store for PostgresStore {
     async fn create_user(&self, user: &Username, password_hash: &str) -> Result<(), StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let inserted = client
-                .execute(
-                    "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
+            let client = self.checkout().await?;
+            let result = async {
+                let inserted = client
+                    .execute(
+                        "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
                      ON CONFLICT (name) DO NOTHING",
-                    &[&user.as_str(), &password_hash, &now_ms()],
-                )
-                .await
-                .map_err(pg_error)?;
-            if inserted == 0 {
-                Err(StoreError::UsernameTaken)
-            } else {
-                Ok(())
+                        &[&user.as_str(), &password_hash, &now_ms()],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if inserted == 0 {
+                    Err(StoreError::UsernameTaken)
+                } else {
+                    Ok(())
+                }
             }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
 
     async fn password_hash(&self, user: &Username) -> Result<Option<String>, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT password_hash FROM users WHERE name = $1",
-                    &[&user.as_str()],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(row.map(|r| r.get(0)))
+            let client = self.checkout().await?;
+            let result = async {
+                let row = client
+                    .query_opt(
+                        "SELECT password_hash FROM users WHERE name = $1",
+                        &[&user.as_str()],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(row.map(|r| r.get(0)))
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
 
     async fn ensure_room(&self, room: &RoomName) -> Result<u64, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let select = client
-                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = client
-                .query_opt(&select, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?
-            {
-                return Ok(row.get::<_, i64>(0) as u64);
-            }
-            let (kind, a, b) = match (room.kind(), direct_members(room)) {
-                (RoomKind::Direct, Some((a, b))) => {
-                    let row = client
-                        .query_one(
-                            "SELECT count(*) FROM users WHERE name = $1 OR name = $2",
-                            &[&a, &b],
-                        )
-                        .await
-                        .map_err(pg_error)?;
-                    if row.get::<_, i64>(0) != 2 {
-                        return Err(StoreError::NotFound("no such user for this direct room"));
-                    }
-                    ("direct", Some(a), Some(b))
+            let client = self.checkout().await?;
+            let result = async {
+                let select = client
+                    .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                    .await
+                    .map_err(pg_error)?;
+                if let Some(row) = client
+                    .query_opt(&select, &[&room.as_str()])
+                    .await
+                    .map_err(pg_error)?
+                {
+                    return Ok(row.get::<_, i64>(0) as u64);
                 }
-                _ => ("public", None, None),
-            };
-            client
-                .execute(
-                    "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
+                let (kind, a, b) = match (room.kind(), direct_members(room)) {
+                    (RoomKind::Direct, Some((a, b))) => {
+                        let row = client
+                            .query_one(
+                                "SELECT count(*) FROM users WHERE name = $1 OR name = $2",
+                                &[&a, &b],
+                            )
+                            .await
+                            .map_err(pg_error)?;
+                        if row.get::<_, i64>(0) != 2 {
+                            return Err(StoreError::NotFound("no such user for this direct room"));
+                        }
+                        ("direct", Some(a), Some(b))
+                    }
+                    _ => ("public", None, None),
+                };
+                client
+                    .execute(
+                        "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
-                    &[&room.as_str(), &kind, &a, &b, &now_ms()],
-                )
-                .await
-                .map_err(pg_error)?;
-            let row = client
-                .query_one(&select, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?;
-            Ok(row.get::<_, i64>(0) as u64)
+                        &[&room.as_str(), &kind, &a, &b, &now_ms()],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let row = client
+                    .query_one(&select, &[&room.as_str()])
+                    .await
+                    .map_err(pg_error)?;
+                Ok(row.get::<_, i64>(0) as u64)
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<Option<u64>, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                .await
-                .map_err(pg_error)?;
-            let row = client
-                .query_opt(&stmt, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?;
-            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+            let client = self.checkout().await?;
+            let result = async {
+                let stmt = client
+                    .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                    .await
+                    .map_err(pg_error)?;
+                let row = client
+                    .query_opt(&stmt, &[&room.as_str()])
+                    .await
+                    .map_err(pg_error)?;
+                Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
@@ -295,18 +353,23 @@ impl Store for PostgresStore {
         with_deadline(self.deadline, async {
             // A concurrent resend of the same client_id loses the race on the unique index;
             // its statement rolls back whole (seq included) and the retry finds the winner.
-            let client = self.client().await?;
-            for _ in 0..2 {
-                match Self::try_append(&client, message).await {
-                    Ok(Some(committed)) => return Ok(committed),
-                    Ok(None) => return Err(StoreError::NotFound("no such room")),
-                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
-                    Err(e) => return Err(pg_error(e)),
+            let client = self.checkout().await?;
+            let result = async {
+                for _ in 0..2 {
+                    match Self::try_append(&client, message).await {
+                        Ok(Some(committed)) => return Ok(committed),
+                        Ok(None) => return Err(StoreError::NotFound("no such room")),
+                        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                        Err(e) => return Err(pg_error(e)),
+                    }
                 }
+                Err(StoreError::Internal(
+                    "idempotent append did not settle".into(),
+                ))
             }
-            Err(StoreError::Internal(
-                "idempotent append did not settle".into(),
-            ))
+            .await;
+            client.settle();
+            result
         })
         .await
     }
@@ -318,28 +381,33 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Page, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT seq, sender, body, ts, client_id FROM messages
+            let client = self.checkout().await?;
+            let result = async {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT seq, sender, body, ts, client_id FROM messages
                      WHERE room = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
-                )
-                .await
-                .map_err(pg_error)?;
-            let rows = client
-                .query(
-                    &stmt,
-                    &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
-                )
-                .await
-                .map_err(pg_error)?;
-            let has_more = rows.len() > limit as usize;
-            let messages = rows
-                .into_iter()
-                .take(limit as usize)
-                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                .collect::<Result<_, _>>()?;
-            Ok(Page { messages, has_more })
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let rows = client
+                    .query(
+                        &stmt,
+                        &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let has_more = rows.len() > limit as usize;
+                let messages = rows
+                    .into_iter()
+                    .take(limit as usize)
+                    .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                    .collect::<Result<_, _>>()?;
+                Ok(Page { messages, has_more })
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
@@ -351,63 +419,78 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Page, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT seq, sender, body, ts, client_id FROM messages
+            let client = self.checkout().await?;
+            let result = async {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT seq, sender, body, ts, client_id FROM messages
                      WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-                )
-                .await
-                .map_err(pg_error)?;
-            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
-            let rows = client
-                .query(&stmt, &[&room.as_str(), &before, &(i64::from(limit) + 1)])
-                .await
-                .map_err(pg_error)?;
-            let has_more = rows.len() > limit as usize;
-            let mut messages = rows
-                .into_iter()
-                .take(limit as usize)
-                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                .collect::<Result<Vec<_>, _>>()?;
-            messages.reverse();
-            Ok(Page { messages, has_more })
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+                let rows = client
+                    .query(&stmt, &[&room.as_str(), &before, &(i64::from(limit) + 1)])
+                    .await
+                    .map_err(pg_error)?;
+                let has_more = rows.len() > limit as usize;
+                let mut messages = rows
+                    .into_iter()
+                    .take(limit as usize)
+                    .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                messages.reverse();
+                Ok(Page { messages, has_more })
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
 
     async fn rooms_for(&self, user: &Username, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT name, last_seq FROM rooms
+            let client = self.checkout().await?;
+            let result = async {
+                let rows = client
+                    .query(
+                        "SELECT name, last_seq FROM rooms
                      WHERE kind = 'public' OR dm_a = $1 OR dm_b = $1
                      ORDER BY name LIMIT $2",
-                    &[&user.as_str(), &i64::from(limit)],
-                )
-                .await
-                .map_err(pg_error)?;
-            rows.into_iter()
-                .map(|r| {
-                    let name: String = r.get(0);
-                    Ok(RoomSummary {
-                        room: RoomName::parse(name).map_err(|_| {
-                            StoreError::Internal("stored room name is invalid".into())
-                        })?,
-                        last_seq: r.get::<_, i64>(1) as u64,
+                        &[&user.as_str(), &i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                rows.into_iter()
+                    .map(|r| {
+                        let name: String = r.get(0);
+                        Ok(RoomSummary {
+                            room: RoomName::parse(name).map_err(|_| {
+                                StoreError::Internal("stored room name is invalid".into())
+                            })?,
+                            last_seq: r.get::<_, i64>(1) as u64,
+                        })
                     })
-                })
-                .collect()
+                    .collect()
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         with_deadline(self.deadline, async {
-            let client = self.client().await?;
-            client.simple_query("SELECT 1").await.map_err(pg_error)?;
-            Ok(())
+            let client = self.checkout().await?;
+            let result = async {
+                client.simple_query("SELECT 1").await.map_err(pg_error)?;
+                Ok(())
+            }
+            .await;
+            client.settle();
+            result
         })
         .await
     }

@@ -220,3 +220,193 @@ async fn sigterm_drains_and_exits_cleanly() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_subscription_is_detected_and_repaired() {
+    let s = services();
+    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
+    // Gateway A reaches Redis through the proxy; gateway B directly.
+    let mut settings = s.settings();
+    settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
+    let a_gw = Gateway::start(settings).await;
+    let b_gw = s.gateway().await;
+    let (alice, ta) = register(b_gw.port, "alice").await;
+    let (bob, tb) = register(a_gw.port, "bob").await;
+    let room = unique("silent");
+    let mut bob_on_a = Client::connect(a_gw.port, &bob, &tb).await;
+    let mut alice_on_b = Client::connect(b_gw.port, &alice, &ta).await;
+    bob_on_a.join(&room).await;
+    alice_on_b.join(&room).await;
+    assert_eq!(alice_on_b.say(&room, "before").await, 1);
+    assert_eq!(bob_on_a.next_message().await["seq"], 1);
+
+    // A's Redis connections go silent: nothing closes, nothing arrives.
+    proxy.freeze_existing();
+    for i in 2..=6 {
+        assert_eq!(alice_on_b.say(&room, &format!("during {i}")).await, i);
+    }
+    // A notices through its missing self-probe: not ready until its subscription is healthy...
+    let started = Instant::now();
+    let mut saw_not_ready = false;
+    let mut ready_again = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        let status = reqwest::get(a_gw.http("/readyz")).await.unwrap().status();
+        saw_not_ready |= status == 503;
+        if saw_not_ready && status == 200 {
+            ready_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(saw_not_ready, "readyz stayed 200 with a dead subscription");
+    assert!(ready_again, "gateway A did not recover");
+    // ...and then fills what it missed from the store, in order.
+    assert_eq!(message_seqs(&mut bob_on_a, 5).await, vec![2, 3, 4, 5, 6]);
+    alice_on_b.say(&room, "after").await;
+    assert_eq!(bob_on_a.next_message().await["seq"], 7);
+    a_gw.stop().await;
+    b_gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_costs_one_deadline_not_the_session() {
+    let mut s = services();
+    let pg = chat_testkit::shared_postgres();
+    let proxy = crate::proxy::FreezingProxy::start(pg.port()).await;
+    let db = s.database_url.take().unwrap();
+    let mut settings = s.settings();
+    settings.database_url = Some(secrecy::SecretString::from(proxy.rewrite(&db, pg.port())));
+    settings.store_timeout_ms = 1000;
+    let gw = Gateway::start(settings).await;
+    let (alice, ta) = register(gw.port, "alice").await;
+    let room = unique("hang");
+    let mut a = Client::connect(gw.port, &alice, &ta).await;
+    a.join(&room).await;
+    assert_eq!(a.say(&room, "one").await, 1);
+    a.next_message().await;
+
+    proxy.freeze_existing();
+    let started = Instant::now();
+    let e = a
+        .request(json!({"type":"send","room":room,"body":"two"}))
+        .await;
+    assert_eq!(
+        (e["type"].clone(), e["code"].clone()),
+        (json!("error"), json!("unavailable"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The session is not frozen: it answers at once.
+    let started = Instant::now();
+    assert_eq!(a.request(json!({"type":"ping"})).await["type"], "pong");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // Hung connections are discarded, not reused: fresh ones (not frozen) serve the next sends.
+    let started = Instant::now();
+    loop {
+        let reply = a
+            .request(json!({"type":"send","room":room,"body":"two"}))
+            .await;
+        if reply["type"] == "sent" {
+            assert_eq!(reply["seq"], 2);
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never recovered"
+        );
+    }
+    assert_eq!(a.next_message().await["seq"], 2);
+    gw.stop().await;
+}
+
+/// Frames `client` receives up to and including the message with `seq`.
+async fn frames_until_message(client: &mut Client, seq: u64) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        let done = frame["type"] == "message" && frame["seq"] == json!(seq);
+        frames.push(frame);
+        if done {
+            return frames;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_presence_event_per_change_however_many_gateways_see_it() {
+    let s = services();
+    let (g1, g2) = (s.gateway().await, s.gateway().await);
+    let (carol, tc) = register(g1.port, "carol").await;
+    let (bob, tb) = register(g1.port, "bob").await;
+    let room = unique("pres");
+    let mut watcher = Client::connect(g1.port, &carol, &tc).await;
+    watcher.join(&room).await;
+    let mut bob1 = Client::connect(g1.port, &bob, &tb).await;
+    let mut bob2 = Client::connect(g2.port, &bob, &tb).await;
+    bob1.join(&room).await;
+    bob2.join(&room).await;
+    let seq = bob2.say(&room, "marker").await;
+    let presence: Vec<_> = frames_until_message(&mut watcher, seq)
+        .await
+        .into_iter()
+        .filter(|f| f["type"] == "presence")
+        .collect();
+    assert_eq!(
+        presence,
+        vec![json!({"type":"presence","room":room,"user":bob,"state":"online"})]
+    );
+
+    // Leaving one of two gateways changes nothing; leaving the last is one offline event.
+    bob1.request(json!({"type":"leave","room":room})).await;
+    let seq = bob2.say(&room, "still here").await;
+    let frames = frames_until_message(&mut watcher, seq).await;
+    assert!(frames.iter().all(|f| f["type"] != "presence"), "{frames:?}");
+    drop(bob2);
+    let offline = watcher.recv().await;
+    assert_eq!(
+        offline,
+        json!({"type":"presence","room":room,"user":bob,"state":"offline"})
+    );
+    watcher.quiet(Duration::from_millis(300)).await;
+    g1.stop().await;
+    g2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_id_on_two_gateways_at_once_is_stored_once() {
+    let s = services();
+    let (g1, g2) = (s.gateway().await, s.gateway().await);
+    let (bob, tb) = register(g1.port, "bob").await;
+    let room = unique("idem");
+    let mut on1 = Client::connect(g1.port, &bob, &tb).await;
+    let mut on2 = Client::connect(g2.port, &bob, &tb).await;
+    on1.join(&room).await;
+    on2.join(&room).await;
+    for round in 0..10 {
+        let frame =
+            json!({"type":"send","room":room,"body":"once","client_id":format!("c{round}")});
+        let (r1, r2) = tokio::join!(on1.request(frame.clone()), on2.request(frame.clone()));
+        assert_eq!(r1["type"], "sent", "{r1}");
+        assert_eq!(
+            (r1["seq"].clone(), r1["ts"].clone()),
+            (r2["seq"].clone(), r2["ts"].clone())
+        );
+        assert_eq!(r1["seq"], round + 1);
+    }
+    // Each session saw each message exactly once.
+    assert_eq!(
+        message_seqs(&mut on1, 10).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        message_seqs(&mut on2, 10).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    on1.quiet(Duration::from_millis(200)).await;
+    g1.stop().await;
+    g2.stop().await;
+}

@@ -486,6 +486,12 @@ async fn bad_input_body(backend: Backend) {
             assert_eq!(e["ref"], "x", "{text}");
         }
     }
+    c.send_binary(b"\x00\x01".to_vec()).await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
     c.join(&room).await;
     let e = c
         .request(json!({"type":"send","room":room,"body":"x".repeat(4001)}))
@@ -556,11 +562,16 @@ async fn health_body(backend: Backend) {
 both_modes!(slow_consumers_are_disconnected, slow_consumer_body);
 async fn slow_consumer_body(backend: Backend) {
     let services = Services::start(backend);
-    let mut settings = services.settings();
-    settings.outbound_queue = 8;
-    settings.rate_per_sec = 10_000;
-    settings.rate_burst = 10_000;
-    let gw = Gateway::start(settings).await;
+    // A process of its own, so that its metrics are its alone.
+    let gw = GatewayProcess::start(
+        &services,
+        &[
+            ("CHAT_OUTBOUND_QUEUE", "8"),
+            ("CHAT_RATE_PER_SEC", "10000"),
+            ("CHAT_RATE_BURST", "10000"),
+        ],
+    )
+    .await;
     let (alice, ta) = register(gw.port, "fast").await;
     let (bob, tb) = register(gw.port, "slow").await;
     let room = unique("flood");
@@ -568,18 +579,22 @@ async fn slow_consumer_body(backend: Backend) {
     let mut b = Client::connect_small_buffer(gw.port, &bob, &tb).await;
     a.join(&room).await;
     b.join(&room).await;
-    // Bob stops reading; Alice talks (reading her own socket, so she keeps up). Bob's queue
-    // overflows and he is told to go (4008) instead of the gateway buffering for him.
+    // Bob stops reading; Alice talks (reading her own socket, so she keeps up). Once the kernel
+    // buffers and Bob's queue are full, he is told to go (4008) rather than buffered for.
     let body = "y".repeat(4000);
-    // Enough to pass the kernel socket buffers (up to 4 MiB on the gateway side here).
-    for _ in 0..2500 {
+    let mut kicked = false;
+    for sent in 1..=5000 {
         a.say(&room, &body).await;
         a.forget_stash();
+        if sent % 25 == 0 && gw.counter("chat_slow_consumers_total").await >= 1.0 {
+            kicked = true;
+            break;
+        }
     }
+    assert!(kicked, "bob was never disconnected");
     assert_eq!(b.closed_after_backlog().await, 4008);
     // Alice, who kept up, is still connected.
     assert_eq!(a.request(json!({"type":"ping"})).await["type"], "pong");
-    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

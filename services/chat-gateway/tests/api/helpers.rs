@@ -135,6 +135,7 @@ impl Drop for Gateway {
 /// A gateway as a separate process, so that it can be killed with SIGKILL or sent SIGTERM.
 pub struct GatewayProcess {
     pub port: u16,
+    pub metrics_port: u16,
     pub child: Child,
 }
 
@@ -165,7 +166,11 @@ impl GatewayProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("chat-gateway binary starts");
-        let process = GatewayProcess { port, child };
+        let process = GatewayProcess {
+            port,
+            metrics_port,
+            child,
+        };
         process.wait_ready().await;
         process
     }
@@ -182,6 +187,20 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("gateway process on port {} never became ready", self.port);
+    }
+
+    /// The value of a counter on this process's metrics listener (0 if not yet exported).
+    pub async fn counter(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Sends a signal by name (TERM, KILL) with kill(1).
@@ -313,6 +332,13 @@ impl Client {
     pub async fn send(&mut self, frame: Value) {
         self.ws
             .send(Message::text(frame.to_string()))
+            .await
+            .expect("send frame");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws
+            .send(Message::binary(data))
             .await
             .expect("send frame");
     }

@@ -4,3 +4,4 @@
 mod cluster;
 mod contract;
 mod helpers;
+mod proxy;
