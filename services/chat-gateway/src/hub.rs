@@ -36,6 +36,8 @@ const FILL_PAGE: u32 = 200;
 #[derive(Clone)]
 pub struct Outbox {
     pub session: u64,
+    /// The session's user: presence events about this user are not sent back to them.
+    pub user: Username,
     pub fanout: mpsc::Sender<Utf8Bytes>,
     /// Cancelled when the session must go: it could not keep up.
     pub kick: CancellationToken,
@@ -68,6 +70,7 @@ enum RoomCmd {
         frame: Utf8Bytes,
     },
     Presence {
+        user: Username,
         frame: Utf8Bytes,
     },
     Attach {
@@ -77,6 +80,9 @@ enum RoomCmd {
     },
     Detach {
         session: u64,
+    },
+    Ready {
+        reply: oneshot::Sender<()>,
     },
     Resync,
     Shutdown,
@@ -226,6 +232,18 @@ impl Hub {
         answer.await.map_err(|_| RoomUnavailable)
     }
 
+    /// Resolves once the room's task receives the room's events from the bus (so that nothing
+    /// published from now on is missed).
+    pub async fn ready(&self, membership: &RoomRef) -> Result<(), RoomUnavailable> {
+        let (reply, answer) = oneshot::channel();
+        membership
+            .tx
+            .send(RoomCmd::Ready { reply })
+            .await
+            .map_err(|_| RoomUnavailable)?;
+        answer.await.map_err(|_| RoomUnavailable)
+    }
+
     /// Delivers a message committed by a local session to the room's local sessions.
     pub async fn deliver_local(&self, membership: &RoomRef, seq: u64, frame: Utf8Bytes) {
         let _ = membership.tx.send(RoomCmd::Message { seq, frame }).await;
@@ -321,10 +339,18 @@ impl BusListener for Hub {
                 },
                 Err(_) => return,
             },
-            BusEvent::Presence { frame } => match Utf8Bytes::try_from(frame) {
-                Ok(frame) => RoomCmd::Presence { frame },
-                Err(_) => return,
-            },
+            BusEvent::Presence { frame } => {
+                let Ok(frame) = Utf8Bytes::try_from(frame) else {
+                    return;
+                };
+                match chat_protocol::frames::parse_server_frame(frame.as_str()) {
+                    Ok(envelope) => match envelope.frame {
+                        ServerFrame::Presence { user, .. } => RoomCmd::Presence { user, frame },
+                        _ => return,
+                    },
+                    Err(_) => return,
+                }
+            }
         };
         self.route(room, cmd);
     }
@@ -423,9 +449,11 @@ impl RoomTask {
                         }
                     }
                 }
-                RoomCmd::Presence { frame } => {
+                RoomCmd::Presence { user, frame } => {
                     for sub in &self.subscribers {
-                        sub.outbox.offer(&frame);
+                        if sub.outbox.user != user {
+                            sub.outbox.offer(&frame);
+                        }
                     }
                 }
                 RoomCmd::Attach {
@@ -438,6 +466,9 @@ impl RoomTask {
                 }
                 RoomCmd::Detach { session } => {
                     self.subscribers.retain(|s| s.outbox.session != session);
+                }
+                RoomCmd::Ready { reply } => {
+                    let _ = reply.send(());
                 }
                 RoomCmd::Resync => self.fill_from_store().await,
                 RoomCmd::Shutdown => break,

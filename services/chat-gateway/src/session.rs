@@ -240,6 +240,19 @@ impl Session {
                 Err(Failure::from(e))?
             }
         };
+        // Receive the room's events before reading who is online, so that no presence change
+        // after the list is missed.
+        let membership = self.ctx.hub.enter(&room);
+        let deadline = self.ctx.settings.store_timeout();
+        let ready = tokio::time::timeout(deadline, self.ctx.hub.ready(&membership)).await;
+        if !matches!(ready, Ok(Ok(()))) {
+            self.ctx.hub.exit(membership, self.id).await;
+            if already_present {
+                self.ctx.hub.presence_exit(&room, &self.user).await;
+            }
+            let failure = Failure::new(ErrorCode::Unavailable, "room is not available right now");
+            return Err(failure.into());
+        }
         let online = if already_present {
             // This session's presence is counted already; only ask who is there.
             self.ctx.bus.presence_enter(&room, &self.user).await
@@ -255,8 +268,11 @@ impl Session {
             last_seq,
             online,
         };
-        self.send(joined, reference).await?;
-        let membership = self.ctx.hub.enter(&room);
+        if let Err(gone) = self.send(joined, reference).await {
+            self.ctx.hub.exit(membership, self.id).await;
+            self.ctx.hub.presence_exit(&room, &self.user).await;
+            return Err(gone.into());
+        }
         let cursor = since.map_or(last_seq, |s| s.min(last_seq));
         match self
             .replay_and_attach(&room, &membership, cursor, since.is_some())

@@ -28,6 +28,8 @@ const WRITE_BATCH: usize = 64;
 /// Socket buffers: small, so that idle connections stay cheap; they grow for large frames.
 const READ_BUFFER: usize = 4096;
 const WRITE_BUFFER: usize = 4096;
+/// How long a closed socket is read for the client's answering close frame.
+const LINGER: Duration = Duration::from_secs(1);
 /// A socket that does not take a flush within this time is treated as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -149,6 +151,7 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
         Ok(ok) => ok,
         Err((reference, code, error, message)) => {
             refuse(sink, reference, code, error, message).await;
+            linger(&mut stream).await;
             return;
         }
     };
@@ -161,6 +164,7 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
     let kick = CancellationToken::new();
     let outbox = Outbox {
         session: connection,
+        user: user.clone(),
         fanout: fanout_tx,
         kick: kick.clone(),
     };
@@ -195,6 +199,22 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
     {
         tracing::debug!("writer did not finish in time");
     }
+    if reason != "client_closed" {
+        linger(&mut stream).await;
+    }
+}
+
+/// After the server's close frame: keep reading briefly so the client can read that frame and
+/// answer it (the closing handshake), instead of meeting a reset connection.
+async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if let Message::Close(_) = message {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads frames until the socket ends; returns why it ended (a metrics label).

@@ -410,3 +410,21 @@ async fn the_same_client_id_on_two_gateways_at_once_is_stored_once() {
     g1.stop().await;
     g2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_one_fresh_database_once() {
+    let s = services();
+    let (g1, g2, g3) = tokio::join!(s.gateway(), s.gateway(), s.gateway());
+    let (alice, ta) = register(g1.port, "alice").await;
+    let room = unique("mig");
+    let mut a = Client::connect(g3.port, &alice, &ta).await;
+    a.join(&room).await;
+    assert_eq!(a.say(&room, "schema works").await, 1);
+    let db = s.database_url.as_ref().unwrap();
+    let versions =
+        chat_testkit::shared_postgres().psql(db, "SELECT count(*) FROM schema_migrations");
+    assert_eq!(versions.trim(), "1");
+    for g in [g1, g2, g3] {
+        g.stop().await;
+    }
+}

@@ -618,3 +618,40 @@ async fn embedded_history_survives_a_restart() {
     assert_eq!(h["messages"][0]["body"], "remember me");
     gw.stop().await;
 }
+
+both_modes!(connection_limits_hold_at_their_edges, limits_body);
+async fn limits_body(backend: Backend) {
+    let services = Services::start(backend);
+    let mut settings = services.settings();
+    settings.max_connections = 2;
+    settings.max_rooms_per_connection = 2;
+    settings.heartbeat_ms = 200;
+    let gw = Gateway::start(settings).await;
+    let (user, token) = register(gw.port, "lim").await;
+    let mut first = Client::connect(gw.port, &user, &token).await;
+    // Rooms: two is the limit; a third is refused and the connection stays usable.
+    first.join("r1").await;
+    first.join("r2").await;
+    let e = first.request(json!({"type":"join","room":"r3"})).await;
+    assert_eq!(
+        (e["type"].clone(), e["code"].clone()),
+        (json!("error"), json!("bad_request"))
+    );
+    first.request(json!({"type":"leave","room":"r1"})).await;
+    first.join("r3").await;
+    // Connections: the third upgrade is refused with 503 while two are open.
+    let _second = Client::connect(gw.port, &user, &token).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gw.port)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("third connection was not refused: {other:?}"),
+    }
+    // Heartbeat: a client that answers nothing (not even pings) is closed after 2.5 beats.
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(first.closed().await, 4001);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    gw.stop().await;
+}
