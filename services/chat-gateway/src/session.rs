@@ -440,3 +440,134 @@ fn forbidden() -> Failure {
         "this direct room belongs to other users",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session driven directly, with no socket: frames in, queues out.
+
+    use super::*;
+    use crate::auth::Auth;
+    use crate::bus::Bus;
+    use crate::bus::local::LocalBus;
+    use crate::config::Settings;
+    use crate::context::{Context, SessionRegistry};
+    use crate::hub::Hub;
+    use crate::store::Store;
+    use crate::store::sqlite::SqliteStore;
+    use secrecy::SecretString;
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    async fn context(dir: &std::path::Path) -> SharedContext {
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(dir, Duration::from_secs(5)).unwrap());
+        let bus = Arc::new(LocalBus::new());
+        let tasks = TaskTracker::new();
+        let hub = Hub::new("unit".into(), store.clone(), bus.clone(), 64, tasks.clone());
+        bus.start(Arc::new(hub.clone())).await;
+        Arc::new(Context {
+            settings: Settings::defaults(),
+            gateway: "unit".into(),
+            store,
+            bus,
+            hub,
+            auth: Auth::new(&SecretString::from("k".repeat(32)), Duration::from_secs(60)),
+            draining: CancellationToken::new(),
+            sessions: Arc::new(SessionRegistry::default()),
+            tasks,
+        })
+    }
+
+    struct Driven {
+        session: Session,
+        replies: mpsc::Receiver<Outbound>,
+        fanout: mpsc::Receiver<Utf8Bytes>,
+    }
+
+    fn session(ctx: &SharedContext, id: u64, user: &str) -> Driven {
+        let (reply_tx, replies) = mpsc::channel(64);
+        let (fanout_tx, fanout) = mpsc::channel(64);
+        let user = Username::parse(user).unwrap();
+        let outbox = Outbox {
+            session: id,
+            user: user.clone(),
+            fanout: fanout_tx,
+            kick: CancellationToken::new(),
+        };
+        Driven {
+            session: Session::new(ctx.clone(), id, user, outbox, reply_tx),
+            replies,
+            fanout,
+        }
+    }
+
+    fn json_of(item: Outbound) -> Value {
+        match item {
+            Outbound::Frame(text) => serde_json::from_str(text.as_str()).unwrap(),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn join_send_and_receive_without_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path()).await;
+        ctx.store
+            .create_user(&Username::parse("ann").unwrap(), "x")
+            .await
+            .unwrap();
+        let mut ann = session(&ctx, 1, "ann");
+        let mut ben = session(&ctx, 2, "ben");
+
+        ann.session
+            .handle_text(r#"{"type":"join","room":"lab","ref":1}"#)
+            .await
+            .unwrap();
+        let joined = json_of(ann.replies.recv().await.unwrap());
+        assert_eq!(
+            joined,
+            json!({"ref":1,"type":"joined","room":"lab","last_seq":0,"online":["ann"]})
+        );
+        ben.session
+            .handle_text(r#"{"type":"join","room":"lab"}"#)
+            .await
+            .unwrap();
+        ben.replies.recv().await.unwrap();
+        let presence: Value =
+            serde_json::from_str(ann.fanout.recv().await.unwrap().as_str()).unwrap();
+        assert_eq!(presence["user"], "ben");
+
+        ann.session
+            .handle_text(r#"{"type":"send","room":"lab","body":"hi","ref":"s"}"#)
+            .await
+            .unwrap();
+        let sent = json_of(ann.replies.recv().await.unwrap());
+        assert_eq!(
+            (sent["type"].clone(), sent["seq"].clone()),
+            (json!("sent"), json!(1))
+        );
+        for driven in [&mut ann, &mut ben] {
+            let message: Value =
+                serde_json::from_str(driven.fanout.recv().await.unwrap().as_str()).unwrap();
+            assert_eq!(
+                (message["seq"].clone(), message["body"].clone()),
+                (json!(1), json!("hi"))
+            );
+        }
+
+        // A frame for a room it is not in: an error, and the session carries on.
+        ben.session
+            .handle_text(r#"{"type":"typing","room":"other","ref":2}"#)
+            .await
+            .unwrap();
+        let error = json_of(ben.replies.recv().await.unwrap());
+        assert_eq!(
+            (error["code"].clone(), error["ref"].clone()),
+            (json!("not_joined"), json!(2))
+        );
+        ann.session.close().await;
+        ben.session.close().await;
+    }
+}
