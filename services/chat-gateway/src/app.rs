@@ -101,6 +101,7 @@ impl Application {
         let auth = Auth::new(
             &secret,
             Duration::from_secs(settings.token_ttl_hours * 3600),
+            settings.hash_concurrency,
         );
         let listener = bind(settings.bind).await?;
         let metrics_listener = bind(settings.metrics_bind).await?;

@@ -47,10 +47,12 @@ struct Claims {
 pub struct Auth {
     keys: Arc<(EncodingKey, DecodingKey)>,
     ttl: Duration,
+    /// Bounds the cores that password hashing may take at once.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Auth {
-    pub fn new(secret: &SecretString, ttl: Duration) -> Self {
+    pub fn new(secret: &SecretString, ttl: Duration, hash_concurrency: usize) -> Self {
         let bytes = secret.expose_secret().as_bytes();
         Auth {
             keys: Arc::new((
@@ -58,7 +60,23 @@ impl Auth {
                 DecodingKey::from_secret(bytes),
             )),
             ttl,
+            hashing: Arc::new(tokio::sync::Semaphore::new(hash_concurrency.max(1))),
         }
+    }
+
+    /// Runs a password hash or check on the blocking pool, a bounded number at a time.
+    async fn hash_work<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Hashing(e.to_string()))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| AuthError::Hashing(e.to_string()))
     }
 
     /// The embedded mode's secret: generated once, kept in `<data_dir>/jwt-secret` (mode 0600).
@@ -127,14 +145,14 @@ impl Auth {
         password: &Password,
     ) -> Result<String, AuthError> {
         let password = password.clone();
-        let hash = tokio::task::spawn_blocking(move || {
-            Argon2::default()
-                .hash_password(password.expose().as_bytes())
-                .map(|h| h.to_string())
-                .map_err(|e| AuthError::Hashing(e.to_string()))
-        })
-        .await
-        .map_err(|e| AuthError::Hashing(e.to_string()))??;
+        let hash = self
+            .hash_work(move || {
+                Argon2::default()
+                    .hash_password(password.expose().as_bytes())
+                    .map(|h| h.to_string())
+                    .map_err(|e| AuthError::Hashing(e.to_string()))
+            })
+            .await??;
         store.create_user(user, &hash).await?;
         Ok(self.issue(user))
     }
@@ -149,13 +167,13 @@ impl Auth {
             return Err(AuthError::BadCredentials);
         };
         let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || {
-            Argon2::default()
-                .verify_password(password.as_bytes(), hash.as_str())
-                .is_ok()
-        })
-        .await
-        .map_err(|e| AuthError::Hashing(e.to_string()))?;
+        let ok = self
+            .hash_work(move || {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), hash.as_str())
+                    .is_ok()
+            })
+            .await?;
         if ok {
             Ok(self.issue(user))
         } else {
@@ -177,8 +195,16 @@ mod tests {
 
     #[test]
     fn tokens_verify_only_with_the_same_secret() {
-        let auth = Auth::new(&SecretString::from("a".repeat(32)), Duration::from_secs(60));
-        let other = Auth::new(&SecretString::from("b".repeat(32)), Duration::from_secs(60));
+        let auth = Auth::new(
+            &SecretString::from("a".repeat(32)),
+            Duration::from_secs(60),
+            1,
+        );
+        let other = Auth::new(
+            &SecretString::from("b".repeat(32)),
+            Duration::from_secs(60),
+            1,
+        );
         let bob = Username::parse("bob").unwrap();
         let token = auth.issue(&bob);
         assert_eq!(auth.verify(&token).unwrap(), bob);
@@ -191,7 +217,11 @@ mod tests {
 
     #[test]
     fn expired_tokens_are_refused() {
-        let auth = Auth::new(&SecretString::from("a".repeat(32)), Duration::from_secs(0));
+        let auth = Auth::new(
+            &SecretString::from("a".repeat(32)),
+            Duration::from_secs(0),
+            1,
+        );
         let claims = Claims {
             sub: "bob".into(),
             iat: 1,

@@ -110,6 +110,11 @@ pub struct Settings {
     #[arg(long, env = "CHAT_PRESENCE_TIMEOUT_SECS", default_value_t = 20)]
     pub presence_timeout_secs: u64,
 
+    /// Password hashes (register, login) computed at once; more wait. Each takes one core for
+    /// tens of milliseconds, so this bounds what a flood of logins can take from chat.
+    #[arg(long, env = "CHAT_HASH_CONCURRENCY", default_value_t = 2)]
+    pub hash_concurrency: usize,
+
     /// Hours a session token stays valid.
     #[arg(long, env = "CHAT_TOKEN_TTL_HOURS", default_value_t = 24 * 7)]
     pub token_ttl_hours: u64,
@@ -221,6 +226,7 @@ impl Settings {
             ("CHAT_PROBE_INTERVAL_MS", self.probe_interval_ms),
             ("CHAT_PRESENCE_TIMEOUT_SECS", self.presence_timeout_secs),
             ("CHAT_TOKEN_TTL_HOURS", self.token_ttl_hours),
+            ("CHAT_HASH_CONCURRENCY", self.hash_concurrency as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return err(format!("{name} must be greater than 0"));

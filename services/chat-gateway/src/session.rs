@@ -473,7 +473,11 @@ mod tests {
             store,
             bus,
             hub,
-            auth: Auth::new(&SecretString::from("k".repeat(32)), Duration::from_secs(60)),
+            auth: Auth::new(
+                &SecretString::from("k".repeat(32)),
+                Duration::from_secs(60),
+                1,
+            ),
             draining: CancellationToken::new(),
             sessions: Arc::new(SessionRegistry::default()),
             tasks,
