@@ -23,5 +23,7 @@ mod tempdir;
 
 pub use port::free_port;
 pub use postgres::PostgresServer;
+/// Spawning any process tied to this one (it dies with it), and signalling it by PID.
+pub use process::{send_signal, spawn as spawn_tied, stop_child};
 pub use redis::RedisServer;
 pub use shared::{shared_postgres, shared_redis};

@@ -34,7 +34,7 @@ struct Request {
 /// Spawns `command` from the testkit's spawner thread, with
 /// `PR_SET_PDEATHSIG = SIGKILL`, so the child is killed when the test binary
 /// exits. Set stdio, uid/gid and the working directory before calling.
-pub(crate) fn spawn(command: Command) -> io::Result<Child> {
+pub fn spawn(command: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Sender<Request>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = channel::<Request>();
@@ -86,7 +86,7 @@ fn spawn_with_death_signal(command: &mut Command) -> io::Result<Child> {
 }
 
 /// Sends `signal` (e.g. `libc::SIGKILL`) to the process `pid`.
-pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
+pub fn send_signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) takes no pointers. The pid is a child we have not yet
     // reaped, so it cannot have been reused by another process.
     unsafe {
@@ -96,7 +96,7 @@ pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
 
 /// Sends `signal` to `child`, waits up to `grace` for it to exit, then sends
 /// SIGKILL and reaps it, so no zombie is left behind.
-pub(crate) fn stop_child(child: &mut Child, signal: libc::c_int, grace: Duration) -> ExitStatus {
+pub fn stop_child(child: &mut Child, signal: libc::c_int, grace: Duration) -> ExitStatus {
     if let Ok(Some(status)) = child.try_wait() {
         return status;
     }

@@ -263,6 +263,20 @@ pub async fn raw_ws(port: u16) -> Ws {
 
 impl Client {
     /// Connects and completes the hello handshake.
+    /// Connects and completes the hello handshake; returns the client and its gateway's id.
+    pub async fn connect_via(port: u16, user: &str, token: &str) -> (Client, String) {
+        let mut client = Client {
+            ws: raw_ws(port).await,
+            user: user.to_string(),
+            stash: Default::default(),
+        };
+        client.send(json!({"type": "hello", "token": token})).await;
+        let welcome = client.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        let gateway = welcome["gateway"].as_str().unwrap().to_string();
+        (client, gateway)
+    }
+
     pub async fn connect(port: u16, user: &str, token: &str) -> Client {
         let mut client = Client {
             ws: raw_ws(port).await,
@@ -307,6 +321,20 @@ impl Client {
             ws: raw_ws(port).await,
             user: "(raw)".into(),
             stash: Default::default(),
+        }
+    }
+
+    /// Waits until the connection ends however it ends (a crashed gateway sends no close).
+    pub async fn dropped(&mut self) {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => self
+                    .stash
+                    .push_back(serde_json::from_str(&t).expect("json frame")),
+                Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => return,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => panic!("{}: connection still open after {WAIT:?}", self.user),
+            }
         }
     }
 

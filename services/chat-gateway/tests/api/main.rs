@@ -3,5 +3,6 @@
 
 mod cluster;
 mod contract;
+mod fleet;
 mod helpers;
 mod proxy;
