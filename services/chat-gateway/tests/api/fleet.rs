@@ -112,19 +112,24 @@ async fn a_fleet_behind_nginx_survives_a_crash_and_grows() {
     }
 
     // A replica is added and nginx reloaded: new connections reach it. (A reload restarts
-    // nginx's connection counts, so the next few are spread over all replicas.)
+    // nginx's view of who holds how many sockets, so the added replica is not necessarily
+    // preferred; least_conn gives it its share as the others fill up.)
     tokio::task::block_in_place(|| cluster.scale(3)).unwrap();
     let newest = cluster.gateways().last().unwrap().id.clone();
     assert_ne!(newest, victim);
-    let mut late = Vec::new();
-    for _ in 0..3 {
-        let (user, token) = register(port, "late").await;
-        late.push(Client::connect_via(port, &user, &token).await);
+    let mut users = Vec::new();
+    for _ in 0..9 {
+        users.push(register(port, "late").await);
     }
+    let mut late = Vec::new();
+    for (user, token) in &users {
+        late.push(Client::connect_via(port, user, token).await);
+    }
+    let landed: Vec<String> = late.iter().map(|(_, g)| g.clone()).collect();
     let (mut newcomer, _) = late
         .into_iter()
         .find(|(_, gateway)| *gateway == newest)
-        .expect("none of three new connections reached the added replica");
+        .unwrap_or_else(|| panic!("no new connection reached {newest}: {landed:?}"));
     newcomer
         .send(json!({"type":"join","room":room,"since":0}))
         .await;
