@@ -16,7 +16,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,7 +51,7 @@ pub struct Application {
     ctx: SharedContext,
     listener: TcpListener,
     metrics_listener: TcpListener,
-    metrics: PrometheusHandle,
+    metrics: telemetry::Exporter,
     shutdown: CancellationToken,
 }
 
@@ -60,7 +59,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let mode = settings.validate()?;
         let gateway = settings.resolved_gateway_id();
-        let metrics = telemetry::metrics_handle();
+        let metrics = telemetry::Exporter::new();
         let (store, bus, secret): (Arc<dyn Store>, Arc<dyn Bus>, SecretString) = match &mode {
             Mode::Embedded { data_dir } => {
                 let store = SqliteStore::open(data_dir, settings.store_timeout())?;
@@ -117,7 +116,7 @@ impl Application {
             tasks,
         });
         bus.start(Arc::new(hub) as Arc<dyn BusListener>).await;
-        metrics::gauge!("chat_build_info", "gateway" => ctx.gateway.clone(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        telemetry::register_series(&ctx.gateway);
         tracing::info!(
             gateway = %ctx.gateway,
             mode = match mode { Mode::Embedded { .. } => "embedded", Mode::Clustered { .. } => "clustered" },
@@ -194,11 +193,12 @@ impl Application {
         };
         let metrics_server = {
             let stopped = stopped.clone();
+            let store = ctx.store.clone();
             let app = Router::new().route(
                 "/metrics",
                 get(move || {
-                    let metrics = metrics.clone();
-                    async move { metrics.render() }
+                    let (metrics, store) = (metrics.clone(), store.clone());
+                    async move { metrics.render(store.as_ref()) }
                 }),
             );
             tokio::spawn(async move {

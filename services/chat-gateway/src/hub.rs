@@ -11,7 +11,7 @@
 //! from its small ring of recent frames, or asks for more backlog when the ring does not reach
 //! back that far.
 
-use crate::bus::{Bus, BusEvent, BusListener, decode};
+use crate::bus::{self, Bus, BusEvent, BusListener, decode};
 use crate::store::Store;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
@@ -63,6 +63,7 @@ impl Outbox {
 enum RoomCmd {
     Message {
         seq: u64,
+        committed_us: u64,
         frame: Utf8Bytes,
     },
     Typing {
@@ -245,8 +246,19 @@ impl Hub {
     }
 
     /// Delivers a message committed by a local session to the room's local sessions.
-    pub async fn deliver_local(&self, membership: &RoomRef, seq: u64, frame: Utf8Bytes) {
-        let _ = membership.tx.send(RoomCmd::Message { seq, frame }).await;
+    pub async fn deliver_local(
+        &self,
+        membership: &RoomRef,
+        seq: u64,
+        committed_us: u64,
+        frame: Utf8Bytes,
+    ) {
+        let cmd = RoomCmd::Message {
+            seq,
+            committed_us,
+            frame,
+        };
+        let _ = membership.tx.send(cmd).await;
     }
 
     /// Delivers a typing notice to the room's other local sessions.
@@ -328,8 +340,17 @@ impl BusListener for Hub {
             {
                 return;
             }
-            BusEvent::Message { seq, frame, .. } => match Utf8Bytes::try_from(frame) {
-                Ok(frame) => RoomCmd::Message { seq, frame },
+            BusEvent::Message {
+                seq,
+                committed_us,
+                frame,
+                ..
+            } => match Utf8Bytes::try_from(frame) {
+                Ok(frame) => RoomCmd::Message {
+                    seq,
+                    committed_us,
+                    frame,
+                },
                 Err(_) => return,
             },
             BusEvent::Typing { frame, .. } => match Utf8Bytes::try_from(frame) {
@@ -403,7 +424,7 @@ struct RoomTask {
     delivered: u64,
     ring: VecDeque<(u64, Utf8Bytes)>,
     /// Events that arrived ahead of a missing seq.
-    pending: BTreeMap<u64, Utf8Bytes>,
+    pending: BTreeMap<u64, (u64, Utf8Bytes)>,
     gap_deadline: Option<Instant>,
 }
 
@@ -441,7 +462,11 @@ impl RoomTask {
             };
             let Some(cmd) = cmd else { break };
             match cmd {
-                RoomCmd::Message { seq, frame } => self.on_message(seq, frame),
+                RoomCmd::Message {
+                    seq,
+                    committed_us,
+                    frame,
+                } => self.on_message(seq, committed_us, frame),
                 RoomCmd::Typing { exclude, frame } => {
                     for sub in &self.subscribers {
                         if Some(sub.outbox.session) != exclude {
@@ -503,16 +528,16 @@ impl RoomTask {
         Attach::Done
     }
 
-    fn on_message(&mut self, seq: u64, frame: Utf8Bytes) {
+    fn on_message(&mut self, seq: u64, committed_us: u64, frame: Utf8Bytes) {
         if seq <= self.delivered {
             return;
         }
         if seq == self.delivered + 1 {
-            self.deliver(seq, frame);
+            self.deliver(seq, committed_us, frame);
             self.flush_pending();
             return;
         }
-        self.pending.insert(seq, frame);
+        self.pending.insert(seq, (committed_us, frame));
         metrics::counter!("chat_gaps_detected_total").increment(1);
         if self.pending.len() > MAX_PENDING {
             self.gap_deadline = Some(Instant::now());
@@ -521,7 +546,7 @@ impl RoomTask {
         }
     }
 
-    fn deliver(&mut self, seq: u64, frame: Utf8Bytes) {
+    fn deliver(&mut self, seq: u64, committed_us: u64, frame: Utf8Bytes) {
         let mut delivered = 0u64;
         self.subscribers.retain(|sub| {
             if seq <= sub.cursor {
@@ -532,6 +557,9 @@ impl RoomTask {
             ok || !sub.outbox.fanout.is_closed() && !sub.outbox.kick.is_cancelled()
         });
         metrics::counter!("chat_messages_delivered_total").increment(delivered);
+        // Once per message per gateway: commit -> queued to every local socket.
+        let latency_us = bus::now_us().saturating_sub(committed_us);
+        metrics::histogram!("chat_fanout_latency_seconds").record(latency_us as f64 / 1e6);
         if self.ring.len() == RING {
             self.ring.pop_front();
         }
@@ -545,8 +573,8 @@ impl RoomTask {
             if seq <= self.delivered {
                 entry.remove();
             } else if seq == self.delivered + 1 {
-                let frame = entry.remove();
-                self.deliver(seq, frame);
+                let (committed_us, frame) = entry.remove();
+                self.deliver(seq, committed_us, frame);
             } else {
                 break;
             }
@@ -571,11 +599,11 @@ impl RoomTask {
                         if message.seq != self.delivered + 1 {
                             continue;
                         }
-                        let frame = match self.pending.remove(&message.seq) {
-                            Some(frame) => frame,
-                            None => encode_message(&message),
+                        let (committed_us, frame) = match self.pending.remove(&message.seq) {
+                            Some(pending) => pending,
+                            None => ((message.ts.max(0) as u64) * 1000, encode_message(&message)),
                         };
-                        self.deliver(message.seq, frame);
+                        self.deliver(message.seq, committed_us, frame);
                     }
                     if !page.has_more {
                         break;

@@ -372,10 +372,12 @@ impl Session {
         }
         metrics::counter!("chat_messages_committed_total").increment(1);
         let frame = encode_message(&message);
-        let event = bus::encode_message(message.seq, &self.ctx.gateway, frame.as_str());
+        let committed_us = bus::now_us();
+        let event =
+            bus::encode_message(message.seq, &self.ctx.gateway, committed_us, frame.as_str());
         self.ctx
             .hub
-            .deliver_local(&membership, message.seq, frame)
+            .deliver_local(&membership, message.seq, committed_us, frame)
             .await;
         // Published inline so one session's messages leave in seq order; only a failure is
         // retried in the background.

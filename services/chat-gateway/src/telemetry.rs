@@ -21,6 +21,214 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Renders `/metrics`: the recorder's series plus the process's own (CPU, memory, fds) and
+/// the store's pool gauges, read at scrape time.
+#[derive(Clone)]
+pub struct Exporter {
+    handle: PrometheusHandle,
+    process: std::sync::Arc<metrics_process::Collector>,
+}
+
+impl Exporter {
+    pub fn new() -> Self {
+        let process = metrics_process::Collector::default();
+        process.describe();
+        describe();
+        Exporter {
+            handle: metrics_handle(),
+            process: std::sync::Arc::new(process),
+        }
+    }
+
+    pub fn render(&self, store: &dyn crate::store::Store) -> String {
+        self.process.collect();
+        store.record_pool_metrics();
+        self.handle.render()
+    }
+}
+
+impl Default for Exporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Creates every series at zero, so dashboards and alerts see a replica's counters before
+/// their first event (a series that does not exist reads as "no data", not 0).
+pub fn register_series(gateway: &str) {
+    let counters = [
+        "chat_connections_opened_total",
+        "chat_connections_refused_total",
+        "chat_frames_written_total",
+        "chat_messages_committed_total",
+        "chat_messages_delivered_total",
+        "chat_rate_limited_total",
+        "chat_slow_consumers_total",
+        "chat_redis_reconnects_total",
+        "chat_resyncs_total",
+        "chat_gaps_detected_total",
+        "chat_gap_fills_total",
+        "chat_room_queue_overflows_total",
+        "chat_publish_failures_total",
+        "chat_bus_events_unreadable_total",
+        "chat_store_errors_total",
+        "chat_store_connections_discarded_total",
+    ];
+    for name in counters {
+        metrics::counter!(name).absolute(0);
+    }
+    for code in chat_protocol::ErrorCode::ALL {
+        metrics::counter!("chat_errors_sent_total", "code" => code.as_str()).absolute(0);
+    }
+    for reason in CLOSE_REASONS {
+        metrics::counter!("chat_connections_closed_total", "reason" => reason).absolute(0);
+    }
+    for kind in FRAME_TYPES {
+        metrics::counter!("chat_frames_received_total", "type" => kind).absolute(0);
+    }
+    for gauge in [
+        "chat_connections_open",
+        "chat_rooms_active",
+        "chat_draining",
+    ] {
+        metrics::gauge!(gauge).set(0.0);
+    }
+    metrics::gauge!("chat_build_info", "gateway" => gateway.to_string(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Every `reason` label of `chat_connections_closed_total`.
+pub const CLOSE_REASONS: [&str; 8] = [
+    "client_closed",
+    "drain",
+    "slow_consumer",
+    "heartbeat_timeout",
+    "too_large",
+    "error",
+    "gone",
+    "unauthorized",
+];
+
+/// Every `type` label of `chat_frames_received_total`.
+pub const FRAME_TYPES: [&str; 9] = [
+    "hello", "join", "leave", "send", "history", "typing", "ping", "invalid", "binary",
+];
+
+/// HELP texts and units of the gateway's series (docs/metrics.md says more).
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "chat_build_info",
+        "1, labelled with this replica's gateway id and version"
+    );
+    describe_gauge!("chat_connections_open", "WebSocket connections open now");
+    describe_counter!(
+        "chat_connections_opened_total",
+        "WebSocket connections accepted"
+    );
+    describe_counter!(
+        "chat_connections_closed_total",
+        "WebSocket connections closed, by reason"
+    );
+    describe_counter!(
+        "chat_connections_refused_total",
+        "upgrades refused at the connection limit"
+    );
+    describe_counter!(
+        "chat_frames_received_total",
+        "client frames received, by type"
+    );
+    describe_counter!("chat_frames_written_total", "frames written to sockets");
+    describe_counter!(
+        "chat_messages_committed_total",
+        "messages committed by this replica"
+    );
+    describe_counter!(
+        "chat_messages_delivered_total",
+        "messages handed to local sockets"
+    );
+    describe_histogram!(
+        "chat_fanout_latency_seconds",
+        Unit::Seconds,
+        "commit to queued for every local socket, per message"
+    );
+    describe_histogram!(
+        "chat_send_ack_seconds",
+        Unit::Seconds,
+        "send received to sent written to the queue"
+    );
+    describe_counter!("chat_errors_sent_total", "error frames sent, by code");
+    describe_counter!("chat_http_errors_total", "HTTP error responses, by code");
+    describe_counter!(
+        "chat_rate_limited_total",
+        "frames refused by the rate limit"
+    );
+    describe_counter!(
+        "chat_slow_consumers_total",
+        "connections closed because their queue overflowed"
+    );
+    describe_gauge!(
+        "chat_rooms_active",
+        "rooms with local sessions (a room task each)"
+    );
+    describe_gauge!("chat_subscribed_rooms", "room channels subscribed on Redis");
+    describe_gauge!(
+        "chat_redis_connected",
+        "1 while the Redis subscription is up"
+    );
+    describe_counter!(
+        "chat_redis_reconnects_total",
+        "Redis subscription connections replaced"
+    );
+    describe_counter!(
+        "chat_resyncs_total",
+        "resubscriptions after which every room re-read the store"
+    );
+    describe_counter!(
+        "chat_gaps_detected_total",
+        "messages that arrived ahead of a missing seq"
+    );
+    describe_counter!(
+        "chat_gap_fills_total",
+        "reads of missing messages from the store"
+    );
+    describe_counter!(
+        "chat_room_queue_overflows_total",
+        "bus events dropped for a busy room (re-read from the store)"
+    );
+    describe_counter!(
+        "chat_publish_failures_total",
+        "publishes that failed after retries"
+    );
+    describe_counter!(
+        "chat_bus_events_unreadable_total",
+        "bus events this version could not read"
+    );
+    describe_histogram!(
+        "chat_store_query_duration_seconds",
+        Unit::Seconds,
+        "store call latency"
+    );
+    describe_counter!(
+        "chat_store_errors_total",
+        "store calls that failed or timed out"
+    );
+    describe_counter!(
+        "chat_store_connections_discarded_total",
+        "pooled connections dropped after a deadline"
+    );
+    describe_gauge!("chat_db_pool_max_connections", "Postgres pool size limit");
+    describe_gauge!("chat_db_pool_connections", "Postgres connections open");
+    describe_gauge!(
+        "chat_db_pool_idle_connections",
+        "Postgres connections idle in the pool"
+    );
+    describe_gauge!(
+        "chat_db_pool_waiting",
+        "calls waiting for a Postgres connection"
+    );
+    describe_gauge!("chat_draining", "1 while this replica drains");
+}
+
 /// The process-wide recorder (the `metrics` facade has one global recorder).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

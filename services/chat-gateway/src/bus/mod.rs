@@ -61,9 +61,12 @@ pub trait Bus: Send + Sync + 'static {
 /// A decoded bus event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BusEvent<'a> {
+    /// `committed_us`: when the publishing gateway saw the commit (µs since the Unix epoch),
+    /// for the fan-out latency metric.
     Message {
         seq: u64,
         origin: &'a str,
+        committed_us: u64,
         frame: Bytes,
     },
     Typing {
@@ -75,12 +78,14 @@ pub enum BusEvent<'a> {
     },
 }
 
-pub fn encode_message(seq: u64, origin: &str, frame: &str) -> Bytes {
-    let mut buf = BytesMut::with_capacity(frame.len() + origin.len() + 24);
+pub fn encode_message(seq: u64, origin: &str, committed_us: u64, frame: &str) -> Bytes {
+    let mut buf = BytesMut::with_capacity(frame.len() + origin.len() + 48);
     buf.put_slice(b"m ");
     buf.put_slice(seq.to_string().as_bytes());
     buf.put_u8(b' ');
     buf.put_slice(origin.as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(committed_us.to_string().as_bytes());
     buf.put_u8(b'\n');
     buf.put_slice(frame.as_bytes());
     buf.freeze()
@@ -94,6 +99,15 @@ pub fn encode_presence(frame: &str) -> Bytes {
     Bytes::from(format!("p\n{frame}"))
 }
 
+/// Microseconds since the Unix epoch (wall clock: comparable across gateways on one host,
+/// and across hosts as far as their clocks agree).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Reads an event; `None` for anything this version does not understand.
 pub fn decode(event: &Bytes) -> Option<BusEvent<'_>> {
     let newline = event.iter().position(|b| *b == b'\n')?;
@@ -104,7 +118,13 @@ pub fn decode(event: &Bytes) -> Option<BusEvent<'_>> {
         "m" => {
             let seq = parts.next()?.parse().ok()?;
             let origin = parts.next()?;
-            Some(BusEvent::Message { seq, origin, frame })
+            let committed_us = parts.next()?.parse().ok()?;
+            Some(BusEvent::Message {
+                seq,
+                origin,
+                committed_us,
+                frame,
+            })
         }
         "t" => Some(BusEvent::Typing {
             origin: parts.next()?,
@@ -128,12 +148,13 @@ mod tests {
 
     #[test]
     fn events_round_trip() {
-        let m = encode_message(42, "gw-1", r#"{"type":"message"}"#);
+        let m = encode_message(42, "gw-1", 1_700_000_000_000_123, r#"{"type":"message"}"#);
         assert_eq!(
             decode(&m),
             Some(BusEvent::Message {
                 seq: 42,
                 origin: "gw-1",
+                committed_us: 1_700_000_000_000_123,
                 frame: Bytes::from_static(br#"{"type":"message"}"#)
             })
         );
@@ -145,7 +166,8 @@ mod tests {
         let p = encode_presence(&presence_frame("a", "bob", true));
         assert!(matches!(decode(&p), Some(BusEvent::Presence { .. })));
         assert_eq!(decode(&Bytes::from_static(b"garbage")), None);
-        assert_eq!(decode(&Bytes::from_static(b"m x gw\n{}")), None);
+        assert_eq!(decode(&Bytes::from_static(b"m x gw 1\n{}")), None);
+        assert_eq!(decode(&Bytes::from_static(b"m 1 gw\n{}")), None);
     }
 
     #[test]

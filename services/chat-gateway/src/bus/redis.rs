@@ -155,6 +155,8 @@ impl RedisBus {
             .map_err(unavailable)?;
         let with_lib = |body: &str| redis::Script::new(&format!("{LUA_EVENT}\n{body}"));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        metrics::gauge!("chat_redis_connected").set(0.0);
+        metrics::gauge!("chat_subscribed_rooms").set(0.0);
         Ok(RedisBus {
             shared: Arc::new(Shared {
                 config,

@@ -83,6 +83,8 @@ pub trait Store: Send + Sync + 'static {
     async fn rooms_for(&self, user: &Username, limit: u32) -> Result<Vec<RoomSummary>, StoreError>;
     /// Answers quickly when the store is usable.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Sets the connection-pool gauges (called when metrics are scraped).
+    fn record_pool_metrics(&self) {}
 }
 
 /// Runs a store call under the configured deadline, so a hung database cannot freeze a session.

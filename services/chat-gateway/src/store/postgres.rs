@@ -481,6 +481,14 @@ impl Store for PostgresStore {
         .await
     }
 
+    fn record_pool_metrics(&self) {
+        let status = self.pool.status();
+        metrics::gauge!("chat_db_pool_max_connections").set(status.max_size as f64);
+        metrics::gauge!("chat_db_pool_connections").set(status.size as f64);
+        metrics::gauge!("chat_db_pool_idle_connections").set(status.available as f64);
+        metrics::gauge!("chat_db_pool_waiting").set(status.waiting as f64);
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         with_deadline(self.deadline, async {
             let client = self.checkout().await?;
