@@ -14,11 +14,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    println!(
-        "chat-gateway {} listening on port {} (metrics on {})",
-        app.gateway_id(),
-        app.port(),
-        app.metrics_port()
+    tracing::info!(
+        gateway = app.gateway_id(),
+        port = app.port(),
+        metrics_port = app.metrics_port(),
+        "listening"
     );
     let shutdown = app.shutdown_token();
     tokio::spawn(async move {

@@ -7,13 +7,32 @@ use std::sync::OnceLock;
 /// Installs the log subscriber once; `RUST_LOG` overrides the default level.
 pub fn init_logs(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // These crates log statement parameters, frames or commands at debug/trace: message
+    // bodies, password hashes and tokens. Never below info, whatever RUST_LOG says.
+    for quiet in QUIET_CRATES {
+        if let Ok(directive) = format!("{quiet}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Dependencies capped at `info` in the logs (see `init_logs`).
+const QUIET_CRATES: [&str; 8] = [
+    "tokio_postgres",
+    "deadpool_postgres",
+    "rusqlite",
+    "redis",
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "axum",
+];
 
 /// Latency buckets from 100 µs to 10 s: chat fan-out is sub-millisecond when healthy.
 const LATENCY_BUCKETS: &[f64] = &[

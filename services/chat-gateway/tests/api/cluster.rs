@@ -428,3 +428,65 @@ async fn replicas_starting_together_migrate_one_fresh_database_once() {
         g.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_name_the_connection_and_never_hold_secrets() {
+    let s = services();
+    let log_path = s.data_dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut gw = GatewayProcess::start_with_logs(
+        &s,
+        &[("RUST_LOG", "trace"), ("CHAT_LOG_FORMAT", "json")],
+        log,
+    )
+    .await;
+    let name = unique("logs");
+    let password = "hunter2-very-secret-password";
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/register", gw.port))
+        .json(&json!({"username": name, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut c = Client::connect(gw.port, &name, &token).await;
+    c.join("logroom").await;
+    let body = "a-message-body-that-must-not-be-logged";
+    c.say("logroom", body).await;
+    c.send_text("{broken".into()).await;
+    c.recv().await;
+    drop(c);
+    gw.signal("TERM");
+    assert!(gw.child.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.lines().count() > 5,
+        "too few log lines at trace:\n{text}"
+    );
+    for secret in [password, token.as_str(), body] {
+        assert!(!text.contains(secret), "the log holds {secret:?}:\n{text}");
+    }
+    let mut session_lines = 0;
+    for line in text.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if entry["fields"]["message"] == "session started"
+            || entry["fields"]["message"] == "session ended"
+        {
+            session_lines += 1;
+            let spans = entry["spans"].to_string();
+            assert!(
+                spans.contains("\"id\""),
+                "a session line without its connection id: {line}"
+            );
+        }
+    }
+    assert_eq!(
+        session_lines, 2,
+        "session start and end are logged:\n{text}"
+    );
+}

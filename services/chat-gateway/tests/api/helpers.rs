@@ -141,6 +141,15 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub async fn start(services: &Services, extra: &[(&str, &str)]) -> GatewayProcess {
+        Self::start_with_logs(services, extra, Stdio::null()).await
+    }
+
+    /// Starts with the process's logs (its standard output) going to `logs`.
+    pub async fn start_with_logs(
+        services: &Services,
+        extra: &[(&str, &str)],
+        logs: impl Into<Stdio>,
+    ) -> GatewayProcess {
         let port = chat_testkit::free_port();
         let metrics_port = chat_testkit::free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-gateway"));
@@ -154,7 +163,7 @@ impl GatewayProcess {
             .env("CHAT_PRESENCE_TIMEOUT_SECS", "3")
             .env("CHAT_DATA_DIR", services.data_dir.path())
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(logs)
             .stderr(Stdio::inherit());
         if let Some(redis) = &services.redis {
             cmd.env("CHAT_REDIS_URL", redis.url());
