@@ -11,7 +11,7 @@ use crate::hub::Hub;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::{http, telemetry, ws};
+use crate::{http, telemetry, web, ws};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -161,7 +161,7 @@ impl Application {
             .route("/api/rooms/{room}/messages", get(http::messages))
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
-            .fallback(http::not_found)
+            .fallback(web::asset)
             .layer(DefaultBodyLimit::max(API_BODY_LIMIT))
             .with_state(ctx)
     }

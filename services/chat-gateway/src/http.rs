@@ -150,7 +150,3 @@ pub async fn readyz(State(ctx): State<SharedContext>) -> Response {
             .into_response(),
     }
 }
-
-pub async fn not_found() -> Failure {
-    Failure::new(ErrorCode::NotFound, "no such endpoint")
-}

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod ws;
 
 pub use app::{Application, StartError};

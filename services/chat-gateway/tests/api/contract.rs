@@ -556,6 +556,21 @@ async fn health_body(backend: Backend) {
     assert!(metrics.contains("chat_build_info"), "{metrics}");
     let r = reqwest::get(gw.http("/nope")).await.unwrap();
     assert_eq!(r.status(), 404);
+    // The web client is served by every gateway, with a policy that forbids foreign scripts.
+    let r = reqwest::get(gw.http("/")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(r.text().await.unwrap().contains("<html"));
     gw.stop().await;
 }
 
