@@ -1,0 +1,721 @@
+//! `chat-loadgen`: opens many connections to a gateway (or through nginx), spreads them over
+//! rooms, publishes at a controlled rate, and measures what every receiver got: a delivery
+//! ratio that counts each missing or duplicated message, send-to-ack and end-to-end latency
+//! percentiles (HDR histograms), throughput, and the gateway processes' CPU and memory.
+
+mod client;
+mod procstat;
+mod report;
+mod stats;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use stats::{Receiver, Shared};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// Load generator for the chat gateway.
+///
+/// Scenarios (defaults, each settable by the flags below):
+///   fanout           2,000 clients in 4 rooms, 8 publishers, 200 msg/s, 100-byte bodies
+///   many-rooms       4,000 clients in 400 rooms, 100 publishers, 2,000 msg/s
+///   big-room         10,000 clients in 1 room, 2 publishers, 10 msg/s
+///   idle             15,000 idle clients in 100 rooms, no publishers: memory per connection
+///   reconnect-storm  6,000 clients in 60 rooms, 6 publishers, 60 msg/s; runs --kill-cmd
+///                    after --kill-after seconds and reports the time until all are back
+/// Publishers send faster than the gateway's default per-connection limit (10 msg/s): run
+/// the gateways with CHAT_RATE_PER_SEC and CHAT_RATE_BURST raised (scripts/bench does).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "chat-loadgen", version, about, verbatim_doc_comment)]
+pub struct Cli {
+    /// Base URL of a gateway or of nginx.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, value_enum, default_value_t = Scenario::Fanout)]
+    scenario: Scenario,
+    /// Receiving clients (connections).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Rooms the clients are spread over.
+    #[arg(long)]
+    rooms: Option<usize>,
+    /// Publishing connections (each also receives its room).
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Total publish rate, messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of publishing (per step with --steps).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// New connections per second while connecting.
+    #[arg(long)]
+    connect_rate: Option<u64>,
+    /// Message body size in bytes.
+    #[arg(long)]
+    body_bytes: Option<usize>,
+    /// Accounts the connections log in as (connections share them).
+    #[arg(long)]
+    users: Option<usize>,
+    /// Stepped rate to find saturation: START:STEP:COUNT (msg/s), each step --duration long.
+    #[arg(long)]
+    steps: Option<String>,
+    /// Gateway process ids to sample CPU and memory from (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// A chat-cluster state directory: sample its gateways.
+    #[arg(long)]
+    cluster_state: Option<PathBuf>,
+    /// Seconds after publishing starts to run --kill-cmd (reconnect-storm).
+    #[arg(long)]
+    kill_after: Option<u64>,
+    /// Shell command that kills a gateway, e.g. "scripts/cluster kill 0".
+    #[arg(long)]
+    kill_cmd: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write a plot of throughput and latency over time (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    Fanout,
+    ManyRooms,
+    BigRoom,
+    Idle,
+    ReconnectStorm,
+}
+
+/// A resolved run: scenario defaults with the flags applied.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub url: String,
+    pub clients: usize,
+    pub rooms: usize,
+    pub publishers: usize,
+    pub rate: f64,
+    pub duration_s: u64,
+    pub connect_rate: u64,
+    pub body_bytes: usize,
+    pub users: usize,
+    pub steps: Vec<f64>,
+    pub reconnect: bool,
+}
+
+impl Plan {
+    fn from(cli: &Cli) -> anyhow::Result<Plan> {
+        // (clients, rooms, publishers, rate, duration)
+        let (clients, rooms, publishers, rate, duration) = match cli.scenario {
+            Scenario::Fanout => (2_000, 4, 8, 200.0, 30),
+            Scenario::ManyRooms => (4_000, 400, 100, 2_000.0, 30),
+            Scenario::BigRoom => (10_000, 1, 2, 10.0, 30),
+            Scenario::Idle => (15_000, 100, 0, 0.0, 10),
+            Scenario::ReconnectStorm => (6_000, 60, 6, 60.0, 40),
+        };
+        let rate = cli.rate.unwrap_or(rate);
+        let duration_s = cli.duration.unwrap_or(duration);
+        let steps = match &cli.steps {
+            None => vec![rate],
+            Some(spec) => {
+                let parts: Vec<f64> = spec
+                    .split(':')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--steps is START:STEP:COUNT")?;
+                let [start, step, count] = parts[..] else {
+                    anyhow::bail!("--steps is START:STEP:COUNT");
+                };
+                (0..count as usize)
+                    .map(|i| start + step * i as f64)
+                    .collect()
+            }
+        };
+        let clients = cli.clients.unwrap_or(clients);
+        Ok(Plan {
+            scenario: cli.scenario,
+            url: cli.url.trim_end_matches('/').to_string(),
+            clients,
+            rooms: cli.rooms.unwrap_or(rooms).max(1),
+            publishers: cli.publishers.unwrap_or(publishers),
+            rate,
+            duration_s,
+            connect_rate: cli.connect_rate.unwrap_or(1_000).max(1),
+            body_bytes: cli.body_bytes.unwrap_or(100).max(24),
+            users: cli.users.unwrap_or(clients.clamp(1, 32)),
+            steps,
+            reconnect: true,
+        })
+    }
+}
+
+/// What every task shares.
+struct Ctx {
+    plan: Plan,
+    ws_url: String,
+    shared: Shared,
+    /// Acknowledged messages per room.
+    acked: Vec<AtomicU64>,
+    /// Current total publish rate (msg/s × 1000).
+    rate_milli: AtomicU64,
+    start: Instant,
+    stop_publishing: CancellationToken,
+    stop: CancellationToken,
+    run_id: String,
+}
+
+impl Ctx {
+    fn room(&self, i: usize) -> String {
+        format!("lg{}-{}", self.run_id, i % self.plan.rooms)
+    }
+    fn second(&self) -> usize {
+        self.start.elapsed().as_secs() as usize
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let plan = Plan::from(&cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(run(cli.clone(), plan))?;
+    report::print(&outcome, cli.json);
+    if let Some(path) = &cli.plot {
+        report::plot(&outcome, path)?;
+    }
+    if outcome.deliveries.ratio < 1.0 || outcome.connections.failed > 0 {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+async fn register_users(plan: &Plan, run_id: &str) -> anyhow::Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    let limit = Arc::new(Semaphore::new(8));
+    let mut tasks = Vec::new();
+    for i in 0..plan.users {
+        let (http, url, limit) = (http.clone(), plan.url.clone(), limit.clone());
+        let name = format!("lg{run_id}_{i}");
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await?;
+            let body = serde_json::json!({"username": name, "password": "loadgen-password"});
+            let r = http
+                .post(format!("{url}/api/register"))
+                .json(&body)
+                .send()
+                .await?;
+            let r = if r.status() == 409 {
+                http.post(format!("{url}/api/login"))
+                    .json(&body)
+                    .send()
+                    .await?
+            } else {
+                r
+            };
+            anyhow::ensure!(r.status().is_success(), "register {name}: {}", r.status());
+            let v: serde_json::Value = r.json().await?;
+            v["token"]
+                .as_str()
+                .map(str::to_string)
+                .context("no token in the answer")
+        }));
+    }
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.push(task.await??);
+    }
+    Ok(tokens)
+}
+
+pub struct Outcome {
+    pub plan: Plan,
+    pub connections: report::Connections,
+    pub acked: u64,
+    pub send_errors: u64,
+    pub deliveries: report::Deliveries,
+    pub publish_seconds: f64,
+    pub ack: Histogram<u64>,
+    pub e2e: Histogram<u64>,
+    pub per_second: Vec<report::Second>,
+    pub gateway: report::GatewayUse,
+    pub idle_bytes_per_connection: Option<f64>,
+    pub recovery_seconds: Option<f64>,
+    pub steps: Vec<report::Step>,
+}
+
+async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
+    let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let pids = match &cli.cluster_state {
+        Some(state) => procstat::cluster_pids(state)?,
+        None => cli.pids.clone(),
+    };
+    let tokens = register_users(&plan, &run_id).await?;
+    let seconds = (plan.duration_s as usize) * plan.steps.len() + 600;
+    let ctx = Arc::new(Ctx {
+        ws_url: client::ws_url(&plan.url),
+        shared: Shared::new(seconds),
+        acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
+        rate_milli: AtomicU64::new((plan.steps[0] * 1000.0) as u64),
+        start: Instant::now(),
+        stop_publishing: CancellationToken::new(),
+        stop: CancellationToken::new(),
+        run_id,
+        plan: plan.clone(),
+    });
+    let progress = report::Progress::new(cli.quiet);
+    let before_connect = procstat::sample(&pids);
+
+    // Receivers, at the connect rate.
+    let mut receivers = Vec::with_capacity(plan.clients);
+    let gap = Duration::from_secs_f64(1.0 / plan.connect_rate as f64);
+    let mut next = tokio::time::Instant::now();
+    for i in 0..plan.clients {
+        tokio::time::sleep_until(next).await;
+        next += gap;
+        let token = tokens[i % tokens.len()].clone();
+        receivers.push(tokio::spawn(receive(ctx.clone(), i, token, i < 32)));
+        if i % 200 == 0 {
+            progress.update(&ctx.shared, "connecting");
+        }
+    }
+    let connect_deadline = Instant::now() + Duration::from_secs(120);
+    while ctx.shared.connected.load(Ordering::Relaxed)
+        + ctx.shared.connect_failures.load(Ordering::Relaxed)
+        < plan.clients as u64
+    {
+        anyhow::ensure!(
+            Instant::now() < connect_deadline,
+            "clients did not connect within 2 minutes"
+        );
+        progress.update(&ctx.shared, "connecting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connected_at = procstat::sample(&pids);
+    let idle_bytes_per_connection =
+        (plan.scenario == Scenario::Idle && !pids.is_empty()).then(|| {
+            (connected_at.rss_bytes as f64 - before_connect.rss_bytes as f64)
+                / plan.clients.max(1) as f64
+        });
+
+    // Publishers.
+    let mut publishers = Vec::new();
+    for p in 0..plan.publishers {
+        let token = tokens[p % tokens.len()].clone();
+        publishers.push(tokio::spawn(publish(ctx.clone(), p, token)));
+    }
+    let publish_started = Instant::now();
+    let mut steps = Vec::new();
+    let mut recovery_seconds = None;
+    let mut killed_at: Option<Instant> = None;
+    for (i, rate) in plan.steps.iter().enumerate() {
+        ctx.rate_milli
+            .store((rate * 1000.0) as u64, Ordering::Relaxed);
+        let step_start = (ctx.second(), procstat::sample(&pids), Instant::now());
+        let step_end = Instant::now() + Duration::from_secs(plan.duration_s);
+        while Instant::now() < step_end {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            progress.update(
+                &ctx.shared,
+                &format!("step {}/{} at {rate} msg/s", i + 1, plan.steps.len()),
+            );
+            if let (Some(after), Some(cmd), None) = (cli.kill_after, &cli.kill_cmd, killed_at)
+                && publish_started.elapsed() >= Duration::from_secs(after)
+            {
+                let status = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .status()?;
+                anyhow::ensure!(status.success(), "--kill-cmd failed: {status}");
+                killed_at = Some(Instant::now());
+            }
+            if let Some(at) = killed_at
+                && recovery_seconds.is_none()
+                && ctx.shared.reconnects.load(Ordering::Relaxed) > 0
+                && ctx.shared.connected.load(Ordering::Relaxed)
+                    >= (plan.clients + plan.publishers) as u64
+            {
+                recovery_seconds = Some(at.elapsed().as_secs_f64());
+            }
+        }
+        let (from_second, from_proc, from_instant) = step_start;
+        steps.push((
+            *rate,
+            from_second,
+            ctx.second(),
+            from_proc,
+            procstat::sample(&pids),
+            from_instant.elapsed(),
+        ));
+    }
+    let publish_seconds = publish_started.elapsed().as_secs_f64();
+    ctx.stop_publishing.cancel();
+    // Let the last messages arrive: wait until every expected delivery came, or 15 s. Acks of
+    // the last sends may still be arriving, so `expected` is recounted each time.
+    let members = members_per_room(&plan);
+    let expected = || -> u64 {
+        ctx.acked
+            .iter()
+            .zip(&members)
+            .map(|(acked, members)| acked.load(Ordering::Relaxed) * members)
+            .sum()
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    let settled = || {
+        let answered = ctx.shared.acked.load(Ordering::Relaxed)
+            + ctx.shared.send_errors.load(Ordering::Relaxed);
+        answered >= ctx.shared.sent.load(Ordering::Relaxed)
+            && ctx.shared.unique.load(Ordering::Relaxed) >= expected()
+    };
+    while !settled() && Instant::now() < drain_deadline {
+        progress.update(&ctx.shared, "draining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected = expected();
+    let end = procstat::sample(&pids);
+    ctx.stop.cancel();
+    let mut ack = stats::histogram();
+    let mut recorders = Vec::new();
+    for task in publishers {
+        let (recorder, acks) = task.await?;
+        ack.add(&acks)?;
+        recorders.push(recorder);
+    }
+    for task in receivers {
+        recorders.push(task.await?);
+    }
+    progress.finish();
+
+    let mut e2e = stats::histogram();
+    let mut unique = 0;
+    let mut duplicates = 0;
+    let mut per_second_latency: Vec<Histogram<u64>> = Vec::new();
+    for r in &recorders {
+        e2e.add(&r.e2e)?;
+        unique += r.unique;
+        duplicates += r.duplicates;
+        for (second, h) in r.per_second.iter().flatten().enumerate() {
+            while per_second_latency.len() <= second {
+                per_second_latency.push(Histogram::new_with_bounds(1, 60_000_000, 2)?);
+            }
+            per_second_latency[second].add(h)?;
+        }
+    }
+    let last_second = ctx.second();
+    let per_second: Vec<report::Second> = (0..=last_second)
+        .map(|s| {
+            let latency = per_second_latency.get(s).filter(|h| !h.is_empty());
+            report::Second {
+                second: s as u64,
+                deliveries: ctx
+                    .shared
+                    .per_second
+                    .get(s)
+                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+                p50_ms: latency.map(|h| h.value_at_quantile(0.5) as f64 / 1000.0),
+                p99_ms: latency.map(|h| h.value_at_quantile(0.99) as f64 / 1000.0),
+            }
+        })
+        .collect();
+    let steps = steps
+        .into_iter()
+        .map(|(rate, from, to, from_proc, to_proc, elapsed)| {
+            let deliveries: u64 = per_second[from.min(per_second.len())..to.min(per_second.len())]
+                .iter()
+                .map(|s| s.deliveries)
+                .sum();
+            let mut latency = stats::histogram();
+            for h in per_second_latency
+                .get(from..to.min(per_second_latency.len()))
+                .into_iter()
+                .flatten()
+            {
+                let _ = latency.add(h);
+            }
+            let cpu = to_proc.cpu_seconds - from_proc.cpu_seconds;
+            let seconds = (to - from).max(1) as f64;
+            report::Step {
+                rate,
+                seconds: elapsed.as_secs_f64(),
+                deliveries_per_sec: deliveries as f64 / seconds,
+                p99_ms: (!latency.is_empty())
+                    .then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
+                gateway_cpu_seconds: cpu,
+                deliveries_per_cpu_second: (cpu > 0.0).then(|| deliveries as f64 / cpu),
+            }
+        })
+        .collect();
+    let cpu = end.cpu_seconds - connected_at.cpu_seconds;
+    let received = ctx.shared.received.load(Ordering::Relaxed);
+    Ok(Outcome {
+        connections: report::Connections {
+            made: ctx.shared.opened.load(Ordering::Relaxed),
+            failed: ctx.shared.connect_failures.load(Ordering::Relaxed),
+            reconnects: ctx.shared.reconnects.load(Ordering::Relaxed),
+        },
+        acked: ctx.shared.acked.load(Ordering::Relaxed),
+        send_errors: ctx.shared.send_errors.load(Ordering::Relaxed),
+        deliveries: report::Deliveries {
+            expected,
+            unique,
+            missing: expected.saturating_sub(unique),
+            duplicates,
+            ratio: if expected == 0 {
+                1.0
+            } else if duplicates > 0 {
+                // A duplicate is as wrong as a loss: the ratio is 1.0 only when exact.
+                (unique.min(expected) as f64 - duplicates as f64) / expected as f64
+            } else {
+                unique as f64 / expected as f64
+            },
+        },
+        publish_seconds,
+        ack,
+        e2e,
+        per_second,
+        gateway: report::GatewayUse {
+            pids,
+            cpu_seconds: cpu,
+            rss_bytes_before: before_connect.rss_bytes,
+            rss_bytes_connected: connected_at.rss_bytes,
+            rss_bytes_end: end.rss_bytes,
+            deliveries_per_cpu_second: (cpu > 0.0).then(|| received as f64 / cpu),
+        },
+        idle_bytes_per_connection,
+        recovery_seconds,
+        steps,
+        plan,
+    })
+}
+
+/// Members per room: receivers and publishers (publishers receive their room too).
+fn members_per_room(plan: &Plan) -> Vec<u64> {
+    let mut members = vec![0u64; plan.rooms];
+    for i in 0..plan.clients {
+        members[i % plan.rooms] += 1;
+    }
+    for p in 0..plan.publishers {
+        members[p % plan.rooms] += 1;
+    }
+    members
+}
+
+/// Reads one room's messages until told to stop, reconnecting and resuming with `since`.
+async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> Receiver {
+    let room = ctx.room(index);
+    let mut recorder = Receiver::new(sampled);
+    let mut first = true;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut ws = match connect_and_join(&ctx, &token, &room, &mut recorder, first).await {
+            Ok(ws) => ws,
+            Err(_) if first => {
+                ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+                return recorder;
+            }
+            Err(_) => {
+                let jitter =
+                    Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = ctx.stop.cancelled() => return recorder,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if first {
+            ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ctx.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        backoff = Duration::from_millis(100);
+        ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
+        let ended = read_until_closed(&ctx, &mut ws, &mut recorder).await;
+        ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
+        if ended == Ended::Stopped || !ctx.plan.reconnect {
+            let _ = ws.close(None).await;
+            return recorder;
+        }
+    }
+}
+
+async fn connect_and_join(
+    ctx: &Ctx,
+    token: &str,
+    room: &str,
+    recorder: &mut Receiver,
+    first: bool,
+) -> anyhow::Result<client::Ws> {
+    let mut ws = client::open(&ctx.ws_url, token).await?;
+    let since = (!first).then_some(recorder.last_seq);
+    let last_seq = client::join(&mut ws, room, since).await?;
+    if first {
+        recorder.last_seq = last_seq;
+    }
+    Ok(ws)
+}
+
+#[derive(PartialEq, Eq)]
+enum Ended {
+    Stopped,
+    Dropped,
+}
+
+/// What a publisher's reader needs to match acks to sends.
+struct Acks {
+    pending: tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>,
+    latency: Histogram<u64>,
+    room: usize,
+}
+
+/// Counts a `message` frame.
+fn on_message(ctx: &Ctx, frame: &client::Incoming<'_>, recorder: &mut Receiver) {
+    let Some(seq) = frame.seq else { return };
+    let latency = frame
+        .body
+        .as_deref()
+        .and_then(client::sent_at_us)
+        .map(|sent| client::now_us().saturating_sub(sent));
+    let second = ctx.second();
+    if recorder.message(seq, latency, second) {
+        ctx.shared.unique.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx.shared.delivered(second);
+}
+
+async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiver) -> Ended {
+    loop {
+        let next = tokio::select! {
+            next = ws.next() => next,
+            _ = ctx.stop.cancelled() => return Ended::Stopped,
+        };
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ended::Dropped,
+            Some(Ok(_)) => continue,
+        };
+        if let Ok(frame) = serde_json::from_str::<client::Incoming<'_>>(&text)
+            && frame.kind == "message"
+        {
+            on_message(ctx, &frame, recorder);
+        }
+    }
+}
+
+/// Publishes to its room at its share of the current rate; also receives the room.
+async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histogram<u64>) {
+    let room_index = index % ctx.plan.rooms;
+    let room = ctx.room(index);
+    let mut recorder = Receiver::new(false);
+    let Ok(ws) = connect_and_join(&ctx, &token, &room, &mut recorder, true).await else {
+        ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+        return (recorder, stats::histogram());
+    };
+    ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
+    ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = ws.split();
+    let (pending_tx, pending_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = {
+        let ctx = ctx.clone();
+        let room = room.clone();
+        tokio::spawn(async move {
+            let padding = "x".repeat(ctx.plan.body_bytes);
+            let mut next = tokio::time::Instant::now();
+            let mut n = 0u64;
+            loop {
+                let rate = ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+                let share = rate / ctx.plan.publishers.max(1) as f64;
+                if share <= 0.0 {
+                    return;
+                }
+                next += Duration::from_secs_f64(1.0 / share);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = ctx.stop_publishing.cancelled() => return,
+                }
+                n += 1;
+                let head = format!("t{} p{index} n{n} ", client::now_us());
+                let body = format!(
+                    "{head}{}",
+                    &padding[..ctx.plan.body_bytes.saturating_sub(head.len())]
+                );
+                let frame =
+                    serde_json::json!({"type": "send", "room": room, "body": body, "ref": n});
+                if pending_tx.send((n, Instant::now())).is_err() {
+                    return;
+                }
+                if sink.send(Message::text(frame.to_string())).await.is_err() {
+                    return;
+                }
+                ctx.shared.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut acks = Acks {
+        pending: pending_rx,
+        latency: stats::histogram(),
+        room: room_index,
+    };
+    // The reader: rebuild a stream-only loop over the split half.
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = ctx.stop.cancelled() => break,
+        };
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            _ => break,
+        };
+        handle_publisher_frame(&ctx, &text, &mut recorder, &mut acks);
+    }
+    writer.abort();
+    ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
+    (recorder, acks.latency)
+}
+
+fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: &mut Acks) {
+    let Ok(frame) = serde_json::from_str::<client::Incoming<'_>>(text) else {
+        return;
+    };
+    match frame.kind.as_ref() {
+        "message" => on_message(ctx, &frame, recorder),
+        "sent" | "error" => {
+            let Some(reference) = frame.reference else {
+                ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            while let Ok((n, at)) = acks.pending.try_recv() {
+                if n == reference {
+                    if frame.kind == "sent" {
+                        let _ = acks
+                            .latency
+                            .record((at.elapsed().as_micros() as u64).max(1));
+                        ctx.shared.acked.fetch_add(1, Ordering::Relaxed);
+                        ctx.acked[acks.room].fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+            }
+        }
+        _ => {}
+    }
+}

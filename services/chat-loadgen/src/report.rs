@@ -1,0 +1,247 @@
+//! The run's results: a text summary, JSON (`--json`), and a plot (`--plot`).
+
+use crate::Outcome;
+use crate::stats::{Percentiles, Shared};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub made: u64,
+    pub failed: u64,
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Deliveries {
+    pub expected: u64,
+    pub unique: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    /// 1.0 only when every expected delivery arrived exactly once.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Second {
+    pub second: u64,
+    pub deliveries: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewayUse {
+    pub pids: Vec<u32>,
+    /// CPU seconds the gateways used from the end of connecting to the end of the run.
+    pub cpu_seconds: f64,
+    pub rss_bytes_before: u64,
+    pub rss_bytes_connected: u64,
+    pub rss_bytes_end: u64,
+    pub deliveries_per_cpu_second: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub rate: f64,
+    pub seconds: f64,
+    pub deliveries_per_sec: f64,
+    pub p99_ms: Option<f64>,
+    pub gateway_cpu_seconds: f64,
+    pub deliveries_per_cpu_second: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Json<'a> {
+    plan: &'a crate::Plan,
+    connections: &'a Connections,
+    messages_acked: u64,
+    send_errors: u64,
+    deliveries: &'a Deliveries,
+    deliveries_per_sec: f64,
+    ack_latency: Percentiles,
+    e2e_latency: Percentiles,
+    gateway: &'a GatewayUse,
+    idle_bytes_per_connection: Option<f64>,
+    recovery_seconds: Option<f64>,
+    steps: &'a [Step],
+    per_second: &'a [Second],
+}
+
+pub fn print(o: &Outcome, json: bool) {
+    let deliveries_per_sec = o.deliveries.unique as f64 / o.publish_seconds.max(1e-9);
+    if json {
+        let report = Json {
+            plan: &o.plan,
+            connections: &o.connections,
+            messages_acked: o.acked,
+            send_errors: o.send_errors,
+            deliveries: &o.deliveries,
+            deliveries_per_sec,
+            ack_latency: Percentiles::of(&o.ack),
+            e2e_latency: Percentiles::of(&o.e2e),
+            gateway: &o.gateway,
+            idle_bytes_per_connection: o.idle_bytes_per_connection,
+            recovery_seconds: o.recovery_seconds,
+            steps: &o.steps,
+            per_second: &o.per_second,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return;
+    }
+    let p = &o.plan;
+    println!(
+        "scenario {:?}: {} clients, {} rooms, {} publishers, {} msg/s, {} s, {}-byte bodies, via {}",
+        p.scenario, p.clients, p.rooms, p.publishers, p.rate, p.duration_s, p.body_bytes, p.url
+    );
+    let c = &o.connections;
+    println!(
+        "connections: {} made, {} failed, {} reconnects",
+        c.made, c.failed, c.reconnects
+    );
+    let d = &o.deliveries;
+    println!(
+        "messages acked: {} ({} send errors); deliveries {} of {} expected, {} missing, {} duplicated: ratio {:.6}",
+        o.acked, o.send_errors, d.unique, d.expected, d.missing, d.duplicates, d.ratio
+    );
+    println!("deliveries/s: {deliveries_per_sec:.0}");
+    for (name, h) in [("send->ack", &o.ack), ("end-to-end", &o.e2e)] {
+        let q = Percentiles::of(h);
+        println!(
+            "{name:>10} ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  ({} samples)",
+            q.p50_ms, q.p90_ms, q.p99_ms, q.p999_ms, q.max_ms, q.samples
+        );
+    }
+    let g = &o.gateway;
+    if !g.pids.is_empty() {
+        println!(
+            "gateways {:?}: {:.2} CPU s, RSS {:.1} MiB -> {:.1} MiB connected -> {:.1} MiB end{}",
+            g.pids,
+            g.cpu_seconds,
+            g.rss_bytes_before as f64 / 1048576.0,
+            g.rss_bytes_connected as f64 / 1048576.0,
+            g.rss_bytes_end as f64 / 1048576.0,
+            g.deliveries_per_cpu_second
+                .map(|v| format!(", {v:.0} deliveries per CPU second"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(bytes) = o.idle_bytes_per_connection {
+        println!(
+            "idle: {:.1} KiB of gateway RSS per connection",
+            bytes / 1024.0
+        );
+    }
+    if let Some(s) = o.recovery_seconds {
+        println!("reconnect storm: every client back after {s:.2} s");
+    }
+    for s in &o.steps {
+        println!(
+            "step {:>8.0} msg/s: {:>9.0} deliveries/s, p99 {}, {:.2} CPU s{}",
+            s.rate,
+            s.deliveries_per_sec,
+            s.p99_ms.map(|v| format!("{v:.2} ms")).unwrap_or("-".into()),
+            s.gateway_cpu_seconds,
+            s.deliveries_per_cpu_second
+                .map(|v| format!(", {v:.0} deliveries/CPU s"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Deliveries per second and end-to-end p50/p99 over time.
+pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(300);
+    let seconds = o.per_second.len().max(2) as u64;
+    let max_deliveries = o
+        .per_second
+        .iter()
+        .map(|s| s.deliveries)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = ChartBuilder::on(&top)
+        .caption("deliveries per second", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..seconds, 0..max_deliveries + max_deliveries / 10)?;
+    chart.configure_mesh().x_desc("s").draw()?;
+    chart.draw_series(LineSeries::new(
+        o.per_second.iter().map(|s| (s.second, s.deliveries)),
+        &BLUE,
+    ))?;
+    let max_ms = o
+        .per_second
+        .iter()
+        .filter_map(|s| s.p99_ms)
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption(
+            "end-to-end latency (ms): p50 green, p99 red",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..seconds, 0.0..max_ms * 1.1)?;
+    chart.configure_mesh().x_desc("s").draw()?;
+    chart.draw_series(LineSeries::new(
+        o.per_second
+            .iter()
+            .filter_map(|s| Some((s.second, s.p50_ms?))),
+        &GREEN,
+    ))?;
+    chart.draw_series(LineSeries::new(
+        o.per_second
+            .iter()
+            .filter_map(|s| Some((s.second, s.p99_ms?))),
+        &RED,
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// A one-line progress bar on a terminal (nothing otherwise).
+pub struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress(None);
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        Progress(Some(bar))
+    }
+
+    pub fn update(&self, shared: &Shared, phase: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(format!(
+                "{phase}: {} connected, {} acked, {} delivered",
+                shared.connected.load(Ordering::Relaxed),
+                shared.acked.load(Ordering::Relaxed),
+                shared.received.load(Ordering::Relaxed)
+            ));
+            bar.tick();
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
