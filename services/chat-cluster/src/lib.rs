@@ -36,6 +36,8 @@ pub struct Options {
     /// Where configs, logs and data go.
     pub dir: PathBuf,
     pub prometheus: bool,
+    /// Postgres with fsync and synchronous commit on (benchmarks); off is faster (tests).
+    pub durable_postgres: bool,
     /// Extra `CHAT_*` settings for every gateway.
     pub gateway_env: Vec<(String, String)>,
 }
@@ -146,7 +148,11 @@ impl Cluster {
             )));
         }
         let redis = RedisServer::start();
-        let postgres = PostgresServer::start();
+        let postgres = if options.durable_postgres {
+            PostgresServer::start_durable()
+        } else {
+            PostgresServer::start()
+        };
         let database_url = postgres.create_database();
         let jwt_secret: String = format!(
             "local-cluster-secret-{:016x}-{:016x}",
@@ -452,9 +458,10 @@ impl Drop for Cluster {
             let _ = gateway.child.kill();
             let _ = gateway.child.wait();
         }
+        // Not SIGKILL: nginx's workers would outlive a killed master. SIGTERM makes the
+        // master stop them first.
         if let Some(nginx) = &mut self.nginx {
-            let _ = nginx.kill();
-            let _ = nginx.wait();
+            stop_child(nginx, libc::SIGTERM, Duration::from_secs(5));
         }
         if let Some((child, _)) = &mut self.prometheus {
             let _ = child.kill();

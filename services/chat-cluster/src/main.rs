@@ -60,6 +60,9 @@ struct UpArgs {
     /// Do not start Prometheus.
     #[arg(long)]
     no_prometheus: bool,
+    /// Run Postgres with fsync and synchronous commit off (faster, not crash-safe).
+    #[arg(long)]
+    fast_postgres: bool,
     /// Extra gateway setting, KEY=VALUE (repeatable), e.g. CHAT_OUTBOUND_QUEUE=4096.
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -110,6 +113,9 @@ fn up(state: &Path, args: UpArgs) -> anyhow::Result<()> {
     cmd.arg("--gateway-bin").arg(&args.gateway_bin);
     if args.no_prometheus {
         cmd.arg("--no-prometheus");
+    }
+    if args.fast_postgres {
+        cmd.arg("--fast-postgres");
     }
     for (k, v) in &args.env {
         cmd.arg("--env").arg(format!("{k}={v}"));
@@ -199,6 +205,7 @@ fn supervise(state: &Path, args: UpArgs) -> anyhow::Result<()> {
         repo_root: repo_root(),
         dir: state.to_path_buf(),
         prometheus: !args.no_prometheus,
+        durable_postgres: !args.fast_postgres,
         gateway_env: args.env,
     })?;
     std::fs::write(pid_file(state), std::process::id().to_string())?;

@@ -35,14 +35,45 @@ fn config() -> WebSocketConfig {
         .max_write_buffer_size(1 << 20)
 }
 
-/// Connects, sends hello, waits for welcome.
-pub async fn open(ws_url: &str, token: &str) -> anyhow::Result<Ws> {
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(ws_url, Some(config()), true),
-    )
-    .await
-    .context("connect timed out")??;
+/// Connects (from `source` when given: a loopback address, so that a load balancer's
+/// per-address limits see many clients), sends hello, waits for welcome.
+pub async fn open(
+    ws_url: &str,
+    token: &str,
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<Ws> {
+    let connect = async {
+        match source {
+            None => Ok(
+                tokio_tungstenite::connect_async_with_config(ws_url, Some(config()), true)
+                    .await?
+                    .0,
+            ),
+            Some(ip) => {
+                let authority = ws_url
+                    .strip_prefix("ws://")
+                    .and_then(|rest| rest.split('/').next())
+                    .context("--source-ips needs a ws:// URL")?;
+                let target: std::net::SocketAddr = authority
+                    .parse()
+                    .context("--source-ips needs an IP address in --url")?;
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                let stream = socket.connect(target).await?;
+                stream.set_nodelay(true)?;
+                let (ws, _) = tokio_tungstenite::client_async_with_config(
+                    ws_url,
+                    MaybeTlsStream::Plain(stream),
+                    Some(config()),
+                )
+                .await?;
+                anyhow::Ok(ws)
+            }
+        }
+    };
+    let mut ws = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .context("connect timed out")??;
     let hello = serde_json::json!({"type": "hello", "token": token}).to_string();
     ws.send(Message::text(hello)).await?;
     match next_text(&mut ws).await? {

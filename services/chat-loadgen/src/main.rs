@@ -85,6 +85,10 @@ pub struct Cli {
     /// Write a plot of throughput and latency over time (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Spread connections over this many loopback source addresses (127.0.0.1, .2, ...), so
+    /// that nginx's per-address limits see many clients, as in production.
+    #[arg(long, default_value_t = 0)]
+    source_ips: u32,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -115,6 +119,7 @@ pub struct Plan {
     pub users: usize,
     pub steps: Vec<f64>,
     pub reconnect: bool,
+    pub source_ips: u32,
 }
 
 impl Plan {
@@ -159,6 +164,7 @@ impl Plan {
             users: cli.users.unwrap_or(clients.clamp(1, 32)),
             steps,
             reconnect: true,
+            source_ips: cli.source_ips,
         })
     }
 }
@@ -182,6 +188,20 @@ impl Ctx {
     fn room(&self, i: usize) -> String {
         format!("lg{}-{}", self.run_id, i % self.plan.rooms)
     }
+    /// The source address of connection `i`, when spreading over several.
+    fn source(&self, i: usize) -> Option<std::net::IpAddr> {
+        let n = self.plan.source_ips;
+        (n > 0).then(|| {
+            let k = (i as u32 % n) + 1;
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                127,
+                0,
+                (k >> 8) as u8,
+                (k & 0xff) as u8,
+            ))
+        })
+    }
+
     fn second(&self) -> usize {
         self.start.elapsed().as_secs() as usize
     }
@@ -434,9 +454,14 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     let steps = steps
         .into_iter()
         .map(|(rate, from, to, from_proc, to_proc, elapsed)| {
-            let deliveries: u64 = per_second[from.min(per_second.len())..to.min(per_second.len())]
+            let window = from.min(per_second.len())..to.min(per_second.len());
+            let deliveries: u64 = per_second[window.clone()]
                 .iter()
                 .map(|s| s.deliveries)
+                .sum();
+            let acked: u64 = ctx.shared.acked_per_second[window]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
                 .sum();
             let mut latency = stats::histogram();
             for h in per_second_latency
@@ -452,6 +477,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                 rate,
                 seconds: elapsed.as_secs_f64(),
                 deliveries_per_sec: deliveries as f64 / seconds,
+                acked_per_sec: acked as f64 / seconds,
                 p99_ms: (!latency.is_empty())
                     .then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
                 gateway_cpu_seconds: cpu,
@@ -521,7 +547,8 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> R
     let mut first = true;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut ws = match connect_and_join(&ctx, &token, &room, &mut recorder, first).await {
+        let mut ws = match connect_and_join(&ctx, index, &token, &room, &mut recorder, first).await
+        {
             Ok(ws) => ws,
             Err(_) if first => {
                 ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -557,12 +584,13 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> R
 
 async fn connect_and_join(
     ctx: &Ctx,
+    index: usize,
     token: &str,
     room: &str,
     recorder: &mut Receiver,
     first: bool,
 ) -> anyhow::Result<client::Ws> {
-    let mut ws = client::open(&ctx.ws_url, token).await?;
+    let mut ws = client::open(&ctx.ws_url, token, ctx.source(index)).await?;
     let since = (!first).then_some(recorder.last_seq);
     let last_seq = client::join(&mut ws, room, since).await?;
     if first {
@@ -623,7 +651,16 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
     let room_index = index % ctx.plan.rooms;
     let room = ctx.room(index);
     let mut recorder = Receiver::new(false);
-    let Ok(ws) = connect_and_join(&ctx, &token, &room, &mut recorder, true).await else {
+    let Ok(ws) = connect_and_join(
+        &ctx,
+        ctx.plan.clients + index,
+        &token,
+        &room,
+        &mut recorder,
+        true,
+    )
+    .await
+    else {
         ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
         return (recorder, stats::histogram());
     };
@@ -707,7 +744,7 @@ fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: 
                         let _ = acks
                             .latency
                             .record((at.elapsed().as_micros() as u64).max(1));
-                        ctx.shared.acked.fetch_add(1, Ordering::Relaxed);
+                        ctx.shared.acknowledged(ctx.second());
                         ctx.acked[acks.room].fetch_add(1, Ordering::Relaxed);
                     } else {
                         ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);

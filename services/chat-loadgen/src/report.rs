@@ -49,6 +49,7 @@ pub struct Step {
     pub rate: f64,
     pub seconds: f64,
     pub deliveries_per_sec: f64,
+    pub acked_per_sec: f64,
     pub p99_ms: Option<f64>,
     pub gateway_cpu_seconds: f64,
     pub deliveries_per_cpu_second: Option<f64>,
@@ -143,8 +144,9 @@ pub fn print(o: &Outcome, json: bool) {
     }
     for s in &o.steps {
         println!(
-            "step {:>8.0} msg/s: {:>9.0} deliveries/s, p99 {}, {:.2} CPU s{}",
+            "step {:>8.0} msg/s: {:>7.0} acked/s, {:>9.0} deliveries/s, p99 {}, {:.2} CPU s{}",
             s.rate,
+            s.acked_per_sec,
             s.deliveries_per_sec,
             s.p99_ms.map(|v| format!("{v:.2} ms")).unwrap_or("-".into()),
             s.gateway_cpu_seconds,

@@ -79,6 +79,8 @@ pub struct Shared {
     pub unique: AtomicU64,
     /// Deliveries per second since the start of the run.
     pub per_second: Vec<AtomicU64>,
+    /// Messages acknowledged per second since the start of the run.
+    pub acked_per_second: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -94,6 +96,14 @@ impl Shared {
             received: AtomicU64::new(0),
             unique: AtomicU64::new(0),
             per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            acked_per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn acknowledged(&self, second: usize) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.acked_per_second.get(second) {
+            slot.fetch_add(1, Ordering::Relaxed);
         }
     }
 

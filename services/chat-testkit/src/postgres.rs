@@ -37,6 +37,8 @@ pub struct PostgresServer {
     /// uid/gid to run initdb/postgres as: `Some` when the tests run as root.
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    /// Postgres' own durable defaults (fsync, synchronous commit) instead of test speed.
+    durable: bool,
     // Declared last: dropped after `Drop::drop` has stopped the server.
     dir: TempDir,
 }
@@ -46,6 +48,16 @@ impl PostgresServer {
     /// and waits (up to 30 s) until `psql` can query it. Panics, with the
     /// server log, if it cannot.
     pub fn start() -> PostgresServer {
+        Self::start_with(false)
+    }
+
+    /// Like `start`, but with Postgres' durable defaults (fsync and synchronous commit on),
+    /// for benchmarks that must measure real commits.
+    pub fn start_durable() -> PostgresServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PostgresServer {
         let bindir = binaries::postgres_bindir();
         let run_as = process::is_root().then(binaries::postgres_user);
         let dir = TempDir::new();
@@ -54,6 +66,7 @@ impl PostgresServer {
             bindir,
             run_as,
             child: None,
+            durable,
             dir,
         };
         server.initdb();
@@ -213,16 +226,19 @@ impl PostgresServer {
             .arg(self.data_dir())
             .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(self.socket_dir())
+            .args(["-c", "max_connections=300"]);
+        if !self.durable {
             // Test speed only; see the module docs.
-            .args([
+            command.args([
                 "-c",
                 "fsync=off",
                 "-c",
                 "synchronous_commit=off",
                 "-c",
                 "full_page_writes=off",
-            ])
-            .args(["-c", "max_connections=300"])
+            ]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);

@@ -14,6 +14,7 @@ fn fleet(gateways: usize) -> (Cluster, tempfile::TempDir) {
         repo_root: chat_cluster::repo_root(),
         dir: dir.path().to_path_buf(),
         prometheus: false,
+        durable_postgres: false,
         gateway_env: vec![("RUST_LOG".into(), "warn".into())],
     })
     .expect("local fleet starts");
@@ -189,6 +190,7 @@ async fn every_dashboard_and_alert_query_answers_on_a_live_fleet() {
             repo_root: chat_cluster::repo_root(),
             dir: dir.path().to_path_buf(),
             prometheus: true,
+            durable_postgres: false,
             gateway_env: vec![("RUST_LOG".into(), "warn".into())],
         })
     })
