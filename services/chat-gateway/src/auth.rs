@@ -47,8 +47,75 @@ struct Claims {
 pub struct Auth {
     keys: Arc<(EncodingKey, DecodingKey)>,
     ttl: Duration,
-    /// Bounds the cores that password hashing may take at once.
-    hashing: Arc<tokio::sync::Semaphore>,
+    /// The threads that hash passwords.
+    hashing: HashPool,
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for password hashing. Bounded CPU (a login flood cannot take every
+/// core), and bounded memory: argon2 takes 19 MiB per hash, and a thread's allocator keeps
+/// what it freed for its next hash; on tokio's blocking pool, whose threads come and go, a
+/// few logins left a gateway at 160 MiB instead of 10.
+#[derive(Clone)]
+struct HashPool {
+    jobs: std::sync::mpsc::SyncSender<HashJob>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> Self {
+        // Waiting work is bounded too: a full queue makes callers wait (asynchronously).
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<HashJob>(threads * 4);
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("password-hash-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job, never while running it.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-hash thread");
+            }
+        }
+        HashPool { jobs }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let mut job: HashJob = Box::new(move || {
+            let _ = done.send(work());
+        });
+        // try_send first; when the queue is full, wait for room without blocking the runtime.
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    job = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(AuthError::Hashing("no password-hash thread".into()));
+                }
+            }
+        }
+        result
+            .await
+            .map_err(|_| AuthError::Hashing("password-hash thread failed".into()))
+    }
 }
 
 impl Auth {
@@ -60,23 +127,16 @@ impl Auth {
                 DecodingKey::from_secret(bytes),
             )),
             ttl,
-            hashing: Arc::new(tokio::sync::Semaphore::new(hash_concurrency.max(1))),
+            hashing: HashPool::new(hash_concurrency),
         }
     }
 
-    /// Runs a password hash or check on the blocking pool, a bounded number at a time.
+    /// Runs a password hash or check on the hashing threads.
     async fn hash_work<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Hashing(e.to_string()))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| AuthError::Hashing(e.to_string()))
+        self.hashing.run(work).await
     }
 
     /// The embedded mode's secret: generated once, kept in `<data_dir>/jwt-secret` (mode 0600).

@@ -5,6 +5,7 @@
 //! at construction, so code that holds one never re-checks it.
 
 pub mod api;
+pub mod client;
 pub mod codes;
 pub mod frames;
 pub mod names;

@@ -238,10 +238,7 @@ impl PostgresServer {
                 "full_page_writes=off",
             ]);
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr);
+        command.stdin(Stdio::null()).stdout(log).stderr(stderr);
         let child = process::spawn(command).map_err(|e| {
             StartError::Failed(format!(
                 "cannot run {}/postgres: {e}",
