@@ -76,7 +76,9 @@ fn parse_env(raw: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let state = cli.state;
+    // Absolute: nginx resolves relative paths against its prefix, not our directory.
+    let state = std::path::absolute(&cli.state)
+        .with_context(|| format!("state directory {}", cli.state.display()))?;
     match cli.command {
         Cmd::Up(args) => up(&state, args),
         Cmd::Down => down(&state),

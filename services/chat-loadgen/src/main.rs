@@ -357,6 +357,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                 && publish_started.elapsed() >= Duration::from_secs(after)
             {
                 let status = std::process::Command::new("sh")
+                    .stdout(std::process::Stdio::null())
                     .arg("-c")
                     .arg(cmd)
                     .status()?;
@@ -394,16 +395,25 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
             .map(|(acked, members)| acked.load(Ordering::Relaxed) * members)
             .sum()
     };
-    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    // Under overload the backlog can take long to arrive: wait while deliveries still
+    // progress (up to 3 minutes), and stop once nothing moved for 10 s.
     let settled = || {
         let answered = ctx.shared.acked.load(Ordering::Relaxed)
             + ctx.shared.send_errors.load(Ordering::Relaxed);
         answered >= ctx.shared.sent.load(Ordering::Relaxed)
             && ctx.shared.unique.load(Ordering::Relaxed) >= expected()
     };
+    let drain_deadline = Instant::now() + Duration::from_secs(180);
+    let mut last_progress = (Instant::now(), ctx.shared.received.load(Ordering::Relaxed));
     while !settled() && Instant::now() < drain_deadline {
         progress.update(&ctx.shared, "draining");
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let received = ctx.shared.received.load(Ordering::Relaxed);
+        if received != last_progress.1 {
+            last_progress = (Instant::now(), received);
+        } else if last_progress.0.elapsed() > Duration::from_secs(10) {
+            break;
+        }
     }
     let expected = expected();
     let end = procstat::sample(&pids);
@@ -605,9 +615,13 @@ enum Ended {
     Dropped,
 }
 
-/// What a publisher's reader needs to match acks to sends.
+/// A publisher's sends awaiting their `sent`: ref -> (first send time, frame text).
+type Pending = Arc<std::sync::Mutex<std::collections::HashMap<u64, (Instant, String)>>>;
+
+/// What a publisher's reader needs to match acks to sends, and to ask for a resend.
 struct Acks {
-    pending: tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>,
+    pending: Pending,
+    retry: tokio::sync::mpsc::UnboundedSender<u64>,
     latency: Histogram<u64>,
     room: usize,
 }
@@ -667,45 +681,65 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
     ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
     ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = ws.split();
-    let (pending_tx, pending_rx) = tokio::sync::mpsc::unbounded_channel();
+    let pending: Pending = Arc::default();
+    let (retry_tx, mut retry_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let writer = {
         let ctx = ctx.clone();
         let room = room.clone();
+        let pending = pending.clone();
         tokio::spawn(async move {
             let padding = "x".repeat(ctx.plan.body_bytes);
+            let resend = |n: u64| {
+                pending
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.get(&n).map(|(_, frame)| frame.clone()))
+            };
             let mut next = tokio::time::Instant::now();
             let mut n = 0u64;
             loop {
                 let rate = ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
                 let share = rate / ctx.plan.publishers.max(1) as f64;
-                if share <= 0.0 {
+                next += Duration::from_secs_f64(1.0 / share.max(1e-3));
+                // A send the gateway could not confirm (unavailable) is sent again with the
+                // same client_id, as a real client would: it is stored at most once. After
+                // publishing stops, only resends go out.
+                let frame = tokio::select! {
+                    biased;
+                    _ = ctx.stop.cancelled() => return,
+                    Some(again) = retry_rx.recv() => match resend(again) {
+                        Some(frame) => frame,
+                        None => continue,
+                    },
+                    _ = tokio::time::sleep_until(next), if !ctx.stop_publishing.is_cancelled() => {
+                        n += 1;
+                        let head = format!("t{} p{index} n{n} ", client::now_us());
+                        let body = format!(
+                            "{head}{}",
+                            &padding[..ctx.plan.body_bytes.saturating_sub(head.len())]
+                        );
+                        let client_id = format!("{}-{index}-{n}", ctx.run_id);
+                        let frame = serde_json::json!({
+                            "type": "send", "room": room, "body": body, "ref": n, "client_id": client_id
+                        })
+                        .to_string();
+                        if let Ok(mut pending) = pending.lock() {
+                            pending.insert(n, (Instant::now(), frame.clone()));
+                        }
+                        ctx.shared.sent.fetch_add(1, Ordering::Relaxed);
+                        frame
+                    }
+                    _ = ctx.stop_publishing.cancelled(), if !ctx.stop_publishing.is_cancelled() => continue,
+                };
+                if sink.send(Message::text(frame)).await.is_err() {
                     return;
                 }
-                next += Duration::from_secs_f64(1.0 / share);
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next) => {}
-                    _ = ctx.stop_publishing.cancelled() => return,
-                }
-                n += 1;
-                let head = format!("t{} p{index} n{n} ", client::now_us());
-                let body = format!(
-                    "{head}{}",
-                    &padding[..ctx.plan.body_bytes.saturating_sub(head.len())]
-                );
-                let frame =
-                    serde_json::json!({"type": "send", "room": room, "body": body, "ref": n});
-                if pending_tx.send((n, Instant::now())).is_err() {
-                    return;
-                }
-                if sink.send(Message::text(frame.to_string())).await.is_err() {
-                    return;
-                }
-                ctx.shared.sent.fetch_add(1, Ordering::Relaxed);
             }
         })
     };
     let mut acks = Acks {
-        pending: pending_rx,
+        pending,
+        retry: retry_tx,
         latency: stats::histogram(),
         room: room_index,
     };
@@ -738,19 +772,28 @@ fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: 
                 ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            while let Ok((n, at)) = acks.pending.try_recv() {
-                if n == reference {
-                    if frame.kind == "sent" {
-                        let _ = acks
-                            .latency
-                            .record((at.elapsed().as_micros() as u64).max(1));
-                        ctx.shared.acknowledged(ctx.second());
-                        ctx.acked[acks.room].fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    break;
-                }
+            let retryable = frame.kind == "error"
+                && matches!(frame.code.as_deref(), Some("unavailable" | "internal"));
+            if retryable {
+                let _ = acks.retry.send(reference);
+                return;
+            }
+            let Some((at, _)) = acks
+                .pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&reference))
+            else {
+                return;
+            };
+            if frame.kind == "sent" {
+                let _ = acks
+                    .latency
+                    .record((at.elapsed().as_micros() as u64).max(1));
+                ctx.shared.acknowledged(ctx.second());
+                ctx.acked[acks.room].fetch_add(1, Ordering::Relaxed);
+            } else {
+                ctx.shared.send_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         _ => {}
