@@ -367,8 +367,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
             if let Some(at) = killed_at
                 && recovery_seconds.is_none()
                 && ctx.shared.reconnects.load(Ordering::Relaxed) > 0
-                && ctx.shared.connected.load(Ordering::Relaxed)
-                    >= (plan.clients + plan.publishers) as u64
+                && ctx.shared.receivers_connected.load(Ordering::Relaxed) >= plan.clients as u64
             {
                 recovery_seconds = Some(at.elapsed().as_secs_f64());
             }
@@ -583,7 +582,13 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> R
         first = false;
         backoff = Duration::from_millis(100);
         ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
+        ctx.shared
+            .receivers_connected
+            .fetch_add(1, Ordering::Relaxed);
         let ended = read_until_closed(&ctx, &mut ws, &mut recorder).await;
+        ctx.shared
+            .receivers_connected
+            .fetch_sub(1, Ordering::Relaxed);
         ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
         if ended == Ended::Stopped || !ctx.plan.reconnect {
             let _ = ws.close(None).await;

@@ -66,6 +66,8 @@ impl Receiver {
 pub struct Shared {
     /// Connections open now.
     pub connected: AtomicU64,
+    /// Receiving clients connected and joined now (publishers excluded).
+    pub receivers_connected: AtomicU64,
     /// Connections ever made (first connections; reconnects are counted apart).
     pub opened: AtomicU64,
     /// Messages sent by publishers (acked or refused later).
@@ -87,6 +89,7 @@ impl Shared {
     pub fn new(seconds: usize) -> Self {
         Shared {
             connected: AtomicU64::new(0),
+            receivers_connected: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
