@@ -102,7 +102,10 @@ pub fn register_series(gateway: &str) {
     for reason in CLOSE_REASONS {
         metrics::counter!("chat_connections_closed_total", "reason" => reason).absolute(0);
     }
-    for kind in FRAME_TYPES {
+    for kind in chat_protocol::frames::CLIENT_FRAME_TYPES
+        .into_iter()
+        .chain(OTHER_FRAME_TYPES)
+    {
         metrics::counter!("chat_frames_received_total", "type" => kind).absolute(0);
     }
     for gauge in [
@@ -127,10 +130,8 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "unauthorized",
 ];
 
-/// Every `type` label of `chat_frames_received_total`.
-pub const FRAME_TYPES: [&str; 9] = [
-    "hello", "join", "leave", "send", "history", "typing", "ping", "invalid", "binary",
-];
+/// The `type` labels of `chat_frames_received_total` besides the client frame types.
+pub const OTHER_FRAME_TYPES: [&str; 2] = ["invalid", "binary"];
 
 /// HELP texts and units of the gateway's series (docs/metrics.md says more).
 fn describe() {

@@ -78,7 +78,7 @@ fn is_too_big(e: &axum::Error) -> bool {
         }
         source = err.source();
     }
-    e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
+    false
 }
 
 async fn refuse(

@@ -98,7 +98,8 @@ enum RawClientFrame {
     Ping {},
 }
 
-const KNOWN_TYPES: [&str; 7] = [
+/// Every client frame `type` (also the label values of the frames-received metric).
+pub const CLIENT_FRAME_TYPES: [&str; 7] = [
     "hello", "join", "leave", "send", "history", "typing", "ping",
 ];
 
@@ -138,7 +139,7 @@ pub fn parse_client_frame(text: &str) -> Result<(Option<Ref>, ClientFrame), Fram
         }
     };
     match object.get("type") {
-        Some(Value::String(t)) if KNOWN_TYPES.contains(&t.as_str()) => {}
+        Some(Value::String(t)) if CLIENT_FRAME_TYPES.contains(&t.as_str()) => {}
         Some(Value::String(t)) => {
             let t: String = t.chars().take(32).collect();
             return Err(bad(
