@@ -8,6 +8,7 @@ use crate::bus::{Bus, BusListener};
 use crate::config::{Mode, Settings, SettingsError};
 use crate::context::{Context, SessionRegistry, SharedContext};
 use crate::hub::Hub;
+use crate::store::group_commit::CommitLimits;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -277,7 +278,18 @@ async fn connect_postgres(
     let started = Instant::now();
     let mut delay = Duration::from_millis(200);
     loop {
-        match PostgresStore::connect(url, settings.db_pool_size, settings.store_timeout()).await {
+        let commits = CommitLimits {
+            max_batch: settings.db_commit_batch,
+            in_flight: settings.db_commits_in_flight,
+        };
+        match PostgresStore::connect(
+            url,
+            settings.db_pool_size,
+            commits,
+            settings.store_timeout(),
+        )
+        .await
+        {
             Ok(store) => return Ok(store),
             Err(StoreError::Unavailable(e)) if started.elapsed() < STARTUP_WAIT => {
                 tracing::warn!(error = %e, "postgres not reachable yet; retrying");

@@ -102,6 +102,16 @@ pub struct Settings {
     #[arg(long, env = "CHAT_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: usize,
 
+    /// Most messages committed in one Postgres transaction. Messages sent while earlier commits
+    /// are in flight are gathered and committed together (group commit).
+    #[arg(long, env = "CHAT_DB_COMMIT_BATCH", default_value_t = 256)]
+    pub db_commit_batch: usize,
+
+    /// Postgres transactions committing messages at once, each on a pooled connection; must be
+    /// smaller than CHAT_DB_POOL_SIZE so that history reads always find a connection.
+    #[arg(long, env = "CHAT_DB_COMMITS_IN_FLIGHT", default_value_t = 4)]
+    pub db_commits_in_flight: usize,
+
     /// Milliseconds between the Pub/Sub self-probes that detect a silently dead subscription.
     #[arg(long, env = "CHAT_PROBE_INTERVAL_MS", default_value_t = 2_000)]
     pub probe_interval_ms: u64,
@@ -223,6 +233,11 @@ impl Settings {
             ("CHAT_STORE_TIMEOUT_MS", self.store_timeout_ms),
             ("CHAT_REDIS_TIMEOUT_MS", self.redis_timeout_ms),
             ("CHAT_DB_POOL_SIZE", self.db_pool_size as u64),
+            ("CHAT_DB_COMMIT_BATCH", self.db_commit_batch as u64),
+            (
+                "CHAT_DB_COMMITS_IN_FLIGHT",
+                self.db_commits_in_flight as u64,
+            ),
             ("CHAT_PROBE_INTERVAL_MS", self.probe_interval_ms),
             ("CHAT_PRESENCE_TIMEOUT_SECS", self.presence_timeout_secs),
             ("CHAT_TOKEN_TTL_HOURS", self.token_ttl_hours),
@@ -230,6 +245,12 @@ impl Settings {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return err(format!("{name} must be greater than 0"));
+        }
+        if self.db_commits_in_flight >= self.db_pool_size {
+            return err(format!(
+                "CHAT_DB_COMMITS_IN_FLIGHT ({}) must be smaller than CHAT_DB_POOL_SIZE ({}): history reads need connections too",
+                self.db_commits_in_flight, self.db_pool_size
+            ));
         }
         if self.max_frame_bytes < 4096 {
             return err(

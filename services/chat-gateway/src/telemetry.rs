@@ -40,6 +40,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Messages per group commit, 1 to the largest sensible CHAT_DB_COMMIT_BATCH.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 /// Renders `/metrics`: the recorder's series plus the process's own (CPU, memory, fds) and
 /// the store's pool gauges, read at scrape time.
 #[derive(Clone)]
@@ -228,6 +233,10 @@ fn describe() {
         Unit::Seconds,
         "store call latency"
     );
+    describe_histogram!(
+        "chat_store_commit_batch_messages",
+        "messages committed per Postgres transaction (group commit)"
+    );
     describe_counter!(
         "chat_store_errors_total",
         "store calls that failed or timed out"
@@ -256,6 +265,12 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("chat_store_commit_batch_messages".into()),
+                        BATCH_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
                 Ok(handle) => handle,

@@ -147,7 +147,8 @@ impl RoomName {
 /// The most characters a message body may have.
 pub const MAX_BODY_CHARS: usize = 4000;
 
-/// A message body: 1 to 4000 characters, not only white space.
+/// A message body: 1 to 4000 characters, not only white space, without U+0000 (which no
+/// Postgres text column can hold; refusing it here keeps both stores alike).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageBody(String);
 string_newtype!(MessageBody);
@@ -157,6 +158,9 @@ impl MessageBody {
         let raw = raw.into();
         if raw.trim().is_empty() {
             return Err(NameError::Invalid("body must not be empty"));
+        }
+        if raw.contains('\0') {
+            return Err(NameError::Invalid("body must not contain U+0000"));
         }
         // Cheap byte check first: at most 4 bytes per char, so short strings need no count.
         if raw.len() > MAX_BODY_CHARS && raw.chars().count() > MAX_BODY_CHARS {
@@ -169,7 +173,7 @@ impl MessageBody {
 /// The longest client id, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 64;
 
-/// A client-chosen idempotency key for `send`: 1 to 64 bytes.
+/// A client-chosen idempotency key for `send`: 1 to 64 bytes, without U+0000.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClientId(String);
 string_newtype!(ClientId);
@@ -179,6 +183,8 @@ impl ClientId {
         let raw = raw.into();
         if raw.is_empty() || raw.len() > MAX_CLIENT_ID_BYTES {
             Err(NameError::Invalid("client_id must be 1 to 64 bytes"))
+        } else if raw.contains('\0') {
+            Err(NameError::Invalid("client_id must not contain U+0000"))
         } else {
             Ok(ClientId(raw))
         }
@@ -220,6 +226,13 @@ impl fmt::Debug for Password {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_characters_are_refused_where_postgres_cannot_store_them() {
+        assert!(MessageBody::parse("a\0b").is_err());
+        assert!(ClientId::parse("c\0").is_err());
+        assert!(MessageBody::parse("a\u{1}b").is_ok());
+    }
 
     #[test]
     fn usernames() {

@@ -3,6 +3,7 @@
 //! `Store` is the one interface the rest of the gateway uses; `postgres` (clustered) and
 //! `sqlite` (embedded) each implement it once. Only this module talks to a database.
 
+pub mod group_commit;
 mod migrations;
 pub mod postgres;
 pub mod sqlite;
@@ -14,7 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database is unreachable, overloaded or did not answer before the deadline.
     #[error("history store unavailable: {0}")]

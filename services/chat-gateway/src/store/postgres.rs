@@ -1,8 +1,10 @@
 //! The clustered store: Postgres through a deadpool connection pool.
 //!
-//! `seq` is assigned by bumping `rooms.last_seq` in the same statement that inserts the message:
-//! the row lock serialises writers of one room, so seq N+1 never commits before seq N.
+//! `seq` is assigned by bumping `rooms.last_seq` in the same transaction that inserts the
+//! messages: the room's row lock serialises writers of one room, so seq N+1 never commits before
+//! seq N. Appends go through the group-commit queue, which writes many in one transaction.
 
+use super::group_commit::{BatchOutcome, CommitLimits, CommitQueue};
 use super::migrations::MIGRATIONS;
 use super::{
     Committed, NewMessage, Page, Store, StoreError, direct_members, now_ms, row_message,
@@ -14,15 +16,18 @@ use chat_protocol::{RoomKind, RoomName, Username};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 
 /// Any number; it only has to be the same on every replica.
 const MIGRATION_LOCK_KEY: i64 = 0x6368_6174; // "chat"
 
 pub struct PostgresStore {
     pool: Pool,
+    commits: CommitQueue,
     deadline: Duration,
 }
 
@@ -31,6 +36,7 @@ impl PostgresStore {
     pub async fn connect(
         url: &SecretString,
         pool_size: usize,
+        commit_limits: CommitLimits,
         deadline: Duration,
     ) -> Result<Self, StoreError> {
         let mut pg = tokio_postgres::Config::from_str(url.expose_secret())
@@ -55,7 +61,15 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Internal(format!("building the Postgres pool: {e}")))?;
-        let store = PostgresStore { pool, deadline };
+        let batch_pool = pool.clone();
+        let commits = CommitQueue::start(commit_limits, move |batch| {
+            commit_batch(batch_pool.clone(), deadline, batch)
+        });
+        let store = PostgresStore {
+            pool,
+            commits,
+            deadline,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -111,63 +125,128 @@ impl PostgresStore {
     }
 
     async fn checkout(&self) -> Result<Checkout, StoreError> {
-        let object = self.pool.get().await.map_err(pool_error)?;
-        Ok(Checkout {
-            object: Some(object),
-            settled: false,
-        })
+        checkout(&self.pool).await
     }
+}
 
-    async fn try_append(
-        client: &deadpool_postgres::Object,
-        m: &NewMessage,
-    ) -> Result<Option<Committed>, tokio_postgres::Error> {
-        const SQL: &str = "
-            WITH dup AS (
-                SELECT seq, ts, body FROM messages
-                WHERE room = $1 AND sender = $2 AND client_id = $4
-            ), bumped AS (
-                UPDATE rooms SET last_seq = last_seq + 1
-                WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM dup)
-                RETURNING last_seq
-            ), ins AS (
-                INSERT INTO messages (room, seq, sender, body, ts, client_id)
-                SELECT $1, last_seq, $2, $3,
-                       (extract(epoch FROM clock_timestamp()) * 1000)::bigint, $4
-                FROM bumped
-                RETURNING seq, ts, body
-            )
-            SELECT seq, ts, body, false FROM ins
-            UNION ALL
-            SELECT seq, ts, body, true FROM dup";
-        let stmt = client.prepare_cached(SQL).await?;
-        let client_id = m.client_id.as_ref().map(|c| c.as_str());
-        let row = client
-            .query_opt(
-                &stmt,
-                &[
-                    &m.room.as_str(),
-                    &m.from.as_str(),
-                    &m.body.as_str(),
-                    &client_id,
-                ],
-            )
-            .await?;
-        Ok(row.map(|row| {
-            let seq: i64 = row.get(0);
-            Committed {
-                message: chat_protocol::StoredMessage {
-                    room: m.room.clone(),
-                    seq: seq as u64,
-                    from: m.from.clone(),
-                    body: row.get(2),
-                    ts: row.get(1),
-                    client_id: client_id.map(str::to_string),
-                },
-                duplicate: row.get(3),
-            }
-        }))
+async fn checkout(pool: &Pool) -> Result<Checkout, StoreError> {
+    let object = pool.get().await.map_err(pool_error)?;
+    Ok(Checkout {
+        object: Some(object),
+        settled: false,
+    })
+}
+
+/// Locks the rooms of a batch in name order, so that two transactions sharing rooms queue
+/// behind each other instead of deadlocking. It also makes the idempotency check below exact:
+/// an earlier message with the same client id committed before this lock was granted, so the
+/// next statement's snapshot sees it.
+const LOCK_ROOMS: &str =
+    "SELECT 1 FROM rooms WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE";
+
+/// Appends a batch in one statement: resends (same room, sender and client id as a stored
+/// message) return the stored message; the others take consecutive seqs per room, in batch
+/// order, with one `UPDATE` per room. A message for a room that does not exist returns no row.
+const APPEND_BATCH: &str = "
+    WITH input AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+            WITH ORDINALITY AS t(room, sender, body, client_id, ord)
+    ), dup AS (
+        SELECT i.ord, m.seq, m.ts, m.body
+        FROM input i
+        JOIN messages m
+          ON m.room = i.room AND m.sender = i.sender AND m.client_id = i.client_id
+    ), fresh AS (
+        SELECT i.* FROM input i WHERE NOT EXISTS (SELECT 1 FROM dup WHERE dup.ord = i.ord)
+    ), counts AS (
+        SELECT room, count(*) AS n FROM fresh GROUP BY room
+    ), bumped AS (
+        UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+        FROM counts WHERE rooms.name = counts.room
+        RETURNING rooms.name, rooms.last_seq - counts.n AS base
+    ), numbered AS (
+        SELECT f.ord, f.room, f.sender, f.body, f.client_id,
+               b.base + row_number() OVER (PARTITION BY f.room ORDER BY f.ord) AS seq,
+               (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts
+        FROM fresh f JOIN bumped b ON b.name = f.room
+    ), inserted AS (
+        INSERT INTO messages (room, seq, sender, body, ts, client_id)
+        SELECT room, seq, sender, body, ts, client_id FROM numbered
+    )
+    SELECT ord, seq, ts, NULL::text, false FROM numbered
+    UNION ALL
+    SELECT ord, seq, ts, body, true FROM dup";
+
+/// Commits one batch of the group-commit queue in one transaction, within `deadline`.
+async fn commit_batch(pool: Pool, deadline: Duration, batch: Arc<Vec<NewMessage>>) -> BatchOutcome {
+    let outcome = tokio::time::timeout(deadline, async {
+        let mut client = checkout(&pool).await?;
+        // A transaction that failed part-way is rolled back when it drops, before the
+        // connection's next use, so the connection may go back to the pool either way.
+        let result = write_batch(&mut client, &batch).await.map_err(pg_error);
+        client.settle();
+        result
+    })
+    .await;
+    outcome.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "commit did not finish within {} ms",
+            deadline.as_millis()
+        )))
+    })
+}
+
+async fn write_batch(
+    client: &mut deadpool_postgres::Object,
+    batch: &[NewMessage],
+) -> Result<Vec<Result<Committed, StoreError>>, tokio_postgres::Error> {
+    let column = |f: fn(&NewMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
+    let rooms = column(|m| m.room.as_str());
+    let senders = column(|m| m.from.as_str());
+    let bodies = column(|m| m.body.as_str());
+    let client_ids: Vec<Option<&str>> = batch
+        .iter()
+        .map(|m| m.client_id.as_ref().map(|c| c.as_str()))
+        .collect();
+    let mut locked = rooms.clone();
+    locked.sort_unstable();
+    locked.dedup();
+
+    let tx = client.transaction().await?;
+    let lock = tx.prepare_cached(LOCK_ROOMS).await?;
+    let append = tx.prepare_cached(APPEND_BATCH).await?;
+    // Sent together: the append waits in the server's queue behind the lock, not for a round
+    // trip.
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&locked];
+    let append_params: [&(dyn ToSql + Sync); 4] = [&rooms, &senders, &bodies, &client_ids];
+    let (_, rows) = tokio::try_join!(
+        tx.execute(&lock, &lock_params),
+        tx.query(&append, &append_params),
+    )?;
+    tx.commit().await?;
+
+    let mut results: Vec<Result<Committed, StoreError>> =
+        vec![Err(StoreError::NotFound("no such room")); batch.len()];
+    for row in rows {
+        let ord: i64 = row.get(0);
+        let Some(m) = usize::try_from(ord - 1).ok().and_then(|i| batch.get(i)) else {
+            continue;
+        };
+        let seq: i64 = row.get(1);
+        let stored_body: Option<String> = row.get(3);
+        results[(ord - 1) as usize] = Ok(Committed {
+            message: chat_protocol::StoredMessage {
+                room: m.room.clone(),
+                seq: seq as u64,
+                from: m.from.clone(),
+                body: stored_body.unwrap_or_else(|| m.body.as_str().to_string()),
+                ts: row.get(2),
+                client_id: m.client_id.as_ref().map(|c| c.as_str().to_string()),
+            },
+            duplicate: row.get(4),
+        });
     }
+    Ok(results)
 }
 
 /// A pooled connection that is thrown away instead of returned if the call using it is
@@ -190,6 +269,12 @@ impl std::ops::Deref for Checkout {
     fn deref(&self) -> &Self::Target {
         // `object` is only taken in `drop`.
         self.object.as_ref().expect("checked-out connection")
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.object.as_mut().expect("checked-out connection")
     }
 }
 
@@ -350,28 +435,7 @@ impl Store for PostgresStore {
     }
 
     async fn append(&self, message: &NewMessage) -> Result<Committed, StoreError> {
-        with_deadline(self.deadline, async {
-            // A concurrent resend of the same client_id loses the race on the unique index;
-            // its statement rolls back whole (seq included) and the retry finds the winner.
-            let client = self.checkout().await?;
-            let result = async {
-                for _ in 0..2 {
-                    match Self::try_append(&client, message).await {
-                        Ok(Some(committed)) => return Ok(committed),
-                        Ok(None) => return Err(StoreError::NotFound("no such room")),
-                        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
-                        Err(e) => return Err(pg_error(e)),
-                    }
-                }
-                Err(StoreError::Internal(
-                    "idempotent append did not settle".into(),
-                ))
-            }
-            .await;
-            client.settle();
-            result
-        })
-        .await
+        with_deadline(self.deadline, self.commits.append(message.clone())).await
     }
 
     async fn messages_after(

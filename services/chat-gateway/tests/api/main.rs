@@ -6,3 +6,4 @@ mod contract;
 mod fleet;
 mod helpers;
 mod proxy;
+mod store;
