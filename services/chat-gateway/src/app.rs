@@ -80,6 +80,7 @@ impl Application {
                     RedisBusConfig {
                         gateway: gateway.clone(),
                         timeout: settings.redis_timeout(),
+                        publish_queue: settings.publish_queue,
                         probe_interval: settings.probe_interval(),
                         presence_timeout: Duration::from_secs(settings.presence_timeout_secs),
                     },

@@ -112,6 +112,12 @@ pub struct Settings {
     #[arg(long, env = "CHAT_DB_COMMITS_IN_FLIGHT", default_value_t = 4)]
     pub db_commits_in_flight: usize,
 
+    /// Room events queued for Redis on this replica (sent as pipelines by one task). When it is
+    /// full for CHAT_REDIS_TIMEOUT_MS, a publish fails and is retried later; receivers fill any
+    /// gap from the store.
+    #[arg(long, env = "CHAT_PUBLISH_QUEUE", default_value_t = 4096)]
+    pub publish_queue: usize,
+
     /// Milliseconds between the Pub/Sub self-probes that detect a silently dead subscription.
     #[arg(long, env = "CHAT_PROBE_INTERVAL_MS", default_value_t = 2_000)]
     pub probe_interval_ms: u64,
@@ -238,6 +244,7 @@ impl Settings {
                 "CHAT_DB_COMMITS_IN_FLIGHT",
                 self.db_commits_in_flight as u64,
             ),
+            ("CHAT_PUBLISH_QUEUE", self.publish_queue as u64),
             ("CHAT_PROBE_INTERVAL_MS", self.probe_interval_ms),
             ("CHAT_PRESENCE_TIMEOUT_SECS", self.presence_timeout_secs),
             ("CHAT_TOKEN_TTL_HOURS", self.token_ttl_hours),

@@ -379,16 +379,17 @@ impl Session {
             .hub
             .deliver_local(&membership, message.seq, committed_us, frame)
             .await;
-        // Published inline so one session's messages leave in seq order; only a failure is
-        // retried in the background.
+        // The bus keeps one caller's events in order, so this session's messages leave in seq
+        // order; only a publish the bus could not even queue is retried in the background.
         if self.ctx.bus.publish(&room, event.clone()).await.is_err() {
             self.retry_publish(room, event);
         }
         Ok(())
     }
 
-    /// Retries a failed publish briefly. Receivers would also repair the loss from the store
-    /// (gap detection, resync after a reconnect), but a prompt retry spares them the wait.
+    /// Retries a publish the bus refused (its queue stayed full). Receivers would also repair
+    /// the loss from the store (gap detection, resync after a reconnect), but a prompt retry
+    /// spares them the wait.
     fn retry_publish(&self, room: RoomName, event: bytes::Bytes) {
         let bus = self.ctx.bus.clone();
         self.ctx.tasks.spawn(async move {

@@ -34,7 +34,9 @@ pub trait BusListener: Send + Sync + 'static {
 pub trait Bus: Send + Sync + 'static {
     /// Starts background work (connections, probes, heartbeats); events go to `listener`.
     async fn start(&self, listener: Arc<dyn BusListener>);
-    /// Sends an encoded event to every gateway subscribed to the room.
+    /// Sends an encoded event to every gateway subscribed to the room. Events published by one
+    /// caller leave in the order of the calls. `Ok` may mean queued, not yet sent: the bus
+    /// retries a send that fails.
     async fn publish(&self, room: &RoomName, event: Bytes) -> Result<(), BusError>;
     /// Starts receiving the room's events; returns once the subscription is active (or the
     /// deadline passed: it becomes active when the connection returns).

@@ -4,8 +4,11 @@
 //!   session is in the room, plus `chat:probe:<gateway>`. A probe is published to it every
 //!   `probe_interval`; when probes stop arriving the connection is presumed silently dead and
 //!   replaced, and the gateway refills its rooms from the store (`on_resubscribed`).
-//! - Commands (publish, presence scripts) go through a reconnecting `ConnectionManager`, each
-//!   under a deadline.
+//! - Commands (presence scripts, probes) go through a reconnecting `ConnectionManager`, each
+//!   under a deadline. Room events go through one publisher task: `publish` only queues (a
+//!   bounded queue, `publish_queue`), and the task sends what has queued as one pipeline, in
+//!   queue order. Senders thus never wait for a Redis round trip, each of a session's events
+//!   leaves in the order it was published, and many publishes share one write.
 //! - Presence: `chat:presence:<room>` maps user -> number of gateways where the user is in the
 //!   room; `chat:gw:<gateway>:presence` is the set of this gateway's entries; `chat:gateways`
 //!   scores every gateway by its last heartbeat. The scripts change a count and publish the
@@ -95,6 +98,15 @@ for _, gw in ipairs(dead) do withdraw(gw) end
 return #dead
 "#;
 
+/// A room event waiting for the publisher task: (channel, event).
+type Outgoing = (String, Bytes);
+
+/// Most events in one pipeline.
+const PUBLISH_BATCH: usize = 256;
+/// Tries of a failed pipeline before its events are given up (receivers then fill the gap
+/// from the store).
+const PUBLISH_ATTEMPTS: u32 = 4;
+
 enum Control {
     Subscribe(String, oneshot::Sender<()>),
     Unsubscribe(String),
@@ -110,6 +122,8 @@ struct Scripts {
 pub struct RedisBusConfig {
     pub gateway: String,
     pub timeout: Duration,
+    /// Room events waiting for the publisher task; `publish` waits up to `timeout` for room.
+    pub publish_queue: usize,
     pub probe_interval: Duration,
     pub presence_timeout: Duration,
 }
@@ -129,6 +143,8 @@ struct Shared {
     /// order of the counts; it holds at most one entry per room change.
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
+    outgoing_tx: mpsc::Sender<Outgoing>,
+    outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     connected: AtomicBool,
     /// Milliseconds since `epoch` when the last probe came back.
     last_probe_ms: AtomicU64,
@@ -155,6 +171,7 @@ impl RedisBus {
             .map_err(unavailable)?;
         let with_lib = |body: &str| redis::Script::new(&format!("{LUA_EVENT}\n{body}"));
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (outgoing_tx, outgoing_rx) = mpsc::channel(config.publish_queue.max(1));
         metrics::gauge!("chat_redis_connected").set(0.0);
         metrics::gauge!("chat_subscribed_rooms").set(0.0);
         Ok(RedisBus {
@@ -171,6 +188,8 @@ impl RedisBus {
                 wanted: Mutex::new(HashMap::new()),
                 control_tx,
                 control_rx: Mutex::new(Some(control_rx)),
+                outgoing_tx,
+                outgoing_rx: Mutex::new(Some(outgoing_rx)),
                 connected: AtomicBool::new(false),
                 last_probe_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -222,6 +241,60 @@ impl Shared {
         match tokio::time::timeout(self.config.timeout, invocation.invoke_async::<T>(&mut conn))
             .await
         {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(BusError::Unavailable("redis did not answer in time".into())),
+        }
+    }
+
+    /// Sends queued room events as pipelines, in queue order, retrying a failed pipeline with
+    /// backoff. A retried pipeline may publish an event twice; receivers drop a seq they have.
+    async fn run_publisher(self: Arc<Self>, mut outgoing: mpsc::Receiver<Outgoing>) {
+        let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        loop {
+            let received = tokio::select! {
+                received = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => received,
+                _ = self.stop.cancelled() => {
+                    // Stopping after the sessions ended: send what they left, once.
+                    while batch.len() < PUBLISH_BATCH && let Ok(item) = outgoing.try_recv() {
+                        batch.push(item);
+                    }
+                    if !batch.is_empty() {
+                        let _ = self.send_pipeline(&batch).await;
+                    }
+                    return;
+                }
+            };
+            if received == 0 {
+                return;
+            }
+            let mut delay = Duration::from_millis(100);
+            for attempt in 1..=PUBLISH_ATTEMPTS {
+                match self.send_pipeline(&batch).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == PUBLISH_ATTEMPTS || self.stop.is_cancelled() => {
+                        metrics::counter!("chat_publish_failures_total")
+                            .increment(batch.len() as u64);
+                        tracing::warn!(error = %e, events = batch.len(),
+                            "publish failed; receivers will fill the gap from the store");
+                        break;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            }
+            batch.clear();
+        }
+    }
+
+    async fn send_pipeline(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        for (channel, event) in batch {
+            pipe.cmd("PUBLISH").arg(channel).arg(&event[..]).ignore();
+        }
+        let mut conn = self.commands.clone();
+        match tokio::time::timeout(self.config.timeout, pipe.query_async::<()>(&mut conn)).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(BusError::Unavailable("redis did not answer in time".into())),
         }
@@ -383,13 +456,26 @@ impl Bus for RedisBus {
             tokio::spawn(shared.clone().run_subscriber(control));
             tokio::spawn(shared.clone().run_prober());
         }
+        let outgoing = shared
+            .outgoing_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(outgoing) = outgoing {
+            tokio::spawn(shared.clone().run_publisher(outgoing));
+        }
     }
 
     async fn publish(&self, room: &RoomName, event: Bytes) -> Result<(), BusError> {
         let channel = format!("{ROOM_PREFIX}{room}");
-        self.shared
-            .command::<()>(redis::cmd("PUBLISH").arg(channel).arg(&event[..]))
-            .await
+        let queued = self.shared.outgoing_tx.send((channel, event));
+        match tokio::time::timeout(self.shared.config.timeout, queued).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(BusError::Unavailable("the publisher has stopped".into())),
+            Err(_) => Err(BusError::Unavailable(
+                "the publish queue stayed full: redis is not keeping up".into(),
+            )),
+        }
     }
 
     async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {

@@ -180,10 +180,8 @@ const APPEND_BATCH: &str = "
 /// Commits one batch of the group-commit queue in one transaction, within `deadline`.
 async fn commit_batch(pool: Pool, deadline: Duration, batch: Arc<Vec<NewMessage>>) -> BatchOutcome {
     let outcome = tokio::time::timeout(deadline, async {
-        let mut client = checkout(&pool).await?;
-        // A transaction that failed part-way is rolled back when it drops, before the
-        // connection's next use, so the connection may go back to the pool either way.
-        let result = write_batch(&mut client, &batch).await.map_err(pg_error);
+        let client = checkout(&pool).await?;
+        let result = write_batch(&client, &batch).await.map_err(pg_error);
         client.settle();
         result
     })
@@ -197,7 +195,7 @@ async fn commit_batch(pool: Pool, deadline: Duration, batch: Arc<Vec<NewMessage>
 }
 
 async fn write_batch(
-    client: &mut deadpool_postgres::Object,
+    client: &deadpool_postgres::Object,
     batch: &[NewMessage],
 ) -> Result<Vec<Result<Committed, StoreError>>, tokio_postgres::Error> {
     let column = |f: fn(&NewMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
@@ -212,18 +210,23 @@ async fn write_batch(
     locked.sort_unstable();
     locked.dedup();
 
-    let tx = client.transaction().await?;
-    let lock = tx.prepare_cached(LOCK_ROOMS).await?;
-    let append = tx.prepare_cached(APPEND_BATCH).await?;
-    // Sent together: the append waits in the server's queue behind the lock, not for a round
-    // trip.
+    let lock = client.prepare_cached(LOCK_ROOMS).await?;
+    let append = client.prepare_cached(APPEND_BATCH).await?;
     let lock_params: [&(dyn ToSql + Sync); 1] = [&locked];
     let append_params: [&(dyn ToSql + Sync); 4] = [&rooms, &senders, &bodies, &client_ids];
-    let (_, rows) = tokio::try_join!(
-        tx.execute(&lock, &lock_params),
-        tx.query(&append, &append_params),
-    )?;
-    tx.commit().await?;
+    // The whole transaction goes out in one write and costs one round trip: the server runs
+    // the statements in order. If one fails, the transaction is aborted and COMMIT rolls it
+    // back, so the connection always ends outside a transaction.
+    let (begin, locking, rows, commit) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &lock_params),
+        client.query(&append, &append_params),
+        client.batch_execute("COMMIT"),
+    );
+    begin?;
+    locking?;
+    let rows = rows?;
+    commit?;
 
     let mut results: Vec<Result<Committed, StoreError>> =
         vec![Err(StoreError::NotFound("no such room")); batch.len()];
@@ -269,12 +272,6 @@ impl std::ops::Deref for Checkout {
     fn deref(&self) -> &Self::Target {
         // `object` is only taken in `drop`.
         self.object.as_ref().expect("checked-out connection")
-    }
-}
-
-impl std::ops::DerefMut for Checkout {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.object.as_mut().expect("checked-out connection")
     }
 }
 

@@ -100,7 +100,15 @@ async fn a_killed_gateways_clients_resume_elsewhere_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_message_arrives_in_order_across_a_redis_restart() {
     let mut s = services();
-    let (g1, g2) = (s.gateway().await, s.gateway().await);
+    // Sends do not wait for Redis, so they come faster than the default rate limit allows.
+    // The smallest publish queue: while Redis is away it is full, and publishes are refused
+    // after the Redis deadline (then retried), which must cost no message.
+    let mut settings = s.settings();
+    settings.rate_per_sec = 1000;
+    settings.rate_burst = 1000;
+    settings.publish_queue = 1;
+    let g1 = Gateway::start(settings).await;
+    let g2 = s.gateway().await;
     let (alice, ta) = register(g1.port, "alice").await;
     let (bob, tb) = register(g1.port, "bob").await;
     let room = unique("redis");
