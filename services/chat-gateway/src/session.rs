@@ -22,14 +22,6 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// What the socket writer sends.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outbound {
-    Frame(Utf8Bytes),
-    Ping,
-    Close(u16, &'static str),
-}
-
 /// The client stopped reading its replies (the socket is gone).
 #[derive(Debug)]
 pub struct Gone;
@@ -42,7 +34,7 @@ pub struct Session {
     id: u64,
     user: Username,
     outbox: Outbox,
-    replies: mpsc::Sender<Outbound>,
+    replies: mpsc::Sender<Utf8Bytes>,
     rooms: HashMap<RoomName, RoomRef>,
     message_limit: DefaultDirectRateLimiter,
     frame_limit: DefaultDirectRateLimiter,
@@ -60,7 +52,7 @@ impl Session {
         id: u64,
         user: Username,
         outbox: Outbox,
-        replies: mpsc::Sender<Outbound>,
+        replies: mpsc::Sender<Utf8Bytes>,
     ) -> Self {
         let s = &ctx.settings;
         let message_limit = RateLimiter::direct(quota(s.rate_per_sec, s.rate_burst));
@@ -82,11 +74,10 @@ impl Session {
     }
 
     async fn send(&self, frame: ServerFrame, reference: Option<Ref>) -> Result<(), Gone> {
-        self.push(Outbound::Frame(Utf8Bytes::from(frame.encode(reference))))
-            .await
+        self.push(Utf8Bytes::from(frame.encode(reference))).await
     }
 
-    async fn push(&self, item: Outbound) -> Result<(), Gone> {
+    async fn push(&self, item: Utf8Bytes) -> Result<(), Gone> {
         self.replies.send(item).await.map_err(|_| Gone)
     }
 
@@ -328,7 +319,7 @@ impl Session {
                 .await
                 .map_err(Failure::from)?;
             for message in &page.messages {
-                self.push(Outbound::Frame(encode_message(message))).await?;
+                self.push(encode_message(message)).await?;
                 cursor = message.seq;
             }
             if !page.has_more {
@@ -489,7 +480,7 @@ mod tests {
 
     struct Driven {
         session: Session,
-        replies: mpsc::Receiver<Outbound>,
+        replies: mpsc::Receiver<Utf8Bytes>,
         fanout: mpsc::Receiver<Utf8Bytes>,
     }
 
@@ -510,11 +501,8 @@ mod tests {
         }
     }
 
-    fn json_of(item: Outbound) -> Value {
-        match item {
-            Outbound::Frame(text) => serde_json::from_str(text.as_str()).unwrap(),
-            other => panic!("expected a frame, got {other:?}"),
-        }
+    fn json_of(text: Utf8Bytes) -> Value {
+        serde_json::from_str(text.as_str()).unwrap()
     }
 
     #[tokio::test]

@@ -1,10 +1,11 @@
-//! The WebSocket edge: admission, the `hello` handshake, the read loop with its heartbeat, and
-//! the writer task that batches queued frames into one flush.
+//! The WebSocket edge: admission, the `hello` handshake, then one task per connection that
+//! both reads the client's frames (with the heartbeat) and writes what the session queued,
+//! batching queued frames into one flush.
 
 use crate::context::{SessionSlot, SharedContext};
 use crate::error::Failure;
 use crate::hub::Outbox;
-use crate::session::{Outbound, Session};
+use crate::session::{Gone, Session};
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
@@ -13,11 +14,13 @@ use chat_protocol::{
     CLOSE_HEARTBEAT_TIMEOUT, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG, ClientFrame, ErrorCode, ServerFrame, Username, parse_client_frame,
 };
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -82,7 +85,7 @@ fn is_too_big(e: &axum::Error) -> bool {
 }
 
 async fn refuse(
-    mut sink: SplitSink<WebSocket, Message>,
+    socket: &mut WebSocket,
     reference: Option<Ref>,
     code: u16,
     error: ErrorCode,
@@ -91,8 +94,8 @@ async fn refuse(
     metrics::counter!("chat_connections_closed_total", "reason" => "unauthorized").increment(1);
     let frame = ServerFrame::error(error, message).encode(reference);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        sink.send(Message::Text(frame.into())).await?;
-        sink.send(close_message(code, "unauthorized")).await
+        socket.send(Message::Text(frame.into())).await?;
+        socket.send(close_message(code, "unauthorized")).await
     })
     .await;
 }
@@ -100,7 +103,7 @@ async fn refuse(
 /// Waits for `hello` and checks its token.
 async fn handshake(
     ctx: &SharedContext,
-    stream: &mut SplitStream<WebSocket>,
+    socket: &mut WebSocket,
     slot: &SessionSlot,
 ) -> Result<(Username, Option<Ref>), (Option<Ref>, u16, ErrorCode, &'static str)> {
     let unauthorized = |r| {
@@ -112,7 +115,7 @@ async fn handshake(
         )
     };
     let first = tokio::select! {
-        first = tokio::time::timeout(ctx.settings.hello_timeout(), stream.next()) => first,
+        first = tokio::time::timeout(ctx.settings.hello_timeout(), socket.next()) => first,
         _ = slot.close.cancelled() => {
             return Err((None, CLOSE_SERVICE_RESTART, ErrorCode::Unavailable, "gateway is draining"));
         }
@@ -147,13 +150,12 @@ async fn handshake(
     }
 }
 
-async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
-    let (sink, mut stream) = socket.split();
-    let (user, reference) = match handshake(&ctx, &mut stream, &slot).await {
+async fn serve(mut socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
+    let (user, reference) = match handshake(&ctx, &mut socket, &slot).await {
         Ok(ok) => ok,
         Err((reference, code, error, message)) => {
-            refuse(sink, reference, code, error, message).await;
-            linger(&mut stream).await;
+            refuse(&mut socket, reference, code, error, message).await;
+            linger(&mut socket).await;
             return;
         }
     };
@@ -161,8 +163,8 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
     tracing::Span::current().record("user", tracing::field::display(&user));
     tracing::debug!("session started");
 
-    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
-    let (fanout_tx, fanout_rx) = mpsc::channel(ctx.settings.outbound_queue);
+    let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
+    let (fanout_tx, fanout) = mpsc::channel(ctx.settings.outbound_queue);
     let kick = CancellationToken::new();
     let outbox = Outbox {
         session: connection,
@@ -170,10 +172,6 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
         fanout: fanout_tx,
         kick: kick.clone(),
     };
-    let writer = ctx
-        .tasks
-        .spawn(write_loop(sink, reply_rx, fanout_rx, kick.clone()));
-
     let welcome = ServerFrame::Welcome {
         user: user.clone(),
         session: format!("{}-{connection}", ctx.gateway),
@@ -181,36 +179,29 @@ async fn serve(socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
         heartbeat_ms: ctx.settings.heartbeat_ms,
     }
     .encode(reference);
-    let mut session = Session::new(ctx.clone(), connection, user, outbox, reply_tx.clone());
-    let reason = if reply_tx
-        .send(Outbound::Frame(welcome.into()))
-        .await
-        .is_err()
-    {
-        "gone"
-    } else {
-        read_loop(&ctx, &mut session, &mut stream, &reply_tx, &slot, &kick).await
-    };
-    metrics::counter!("chat_connections_closed_total", "reason" => reason).increment(1);
-    tracing::debug!(reason, "session ended");
-    session.close().await;
-    drop(reply_tx);
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!("writer did not finish in time");
+    // The queue is new and empty: the welcome fits.
+    let _ = reply_tx.try_send(welcome.into());
+    let session = Session::new(ctx.clone(), connection, user, outbox, reply_tx);
+    let mut link = Link::new(socket, replies, fanout);
+    let (reason, session) = converse(&ctx, &slot, &kick, session, &mut link).await;
+    metrics::counter!("chat_connections_closed_total", "reason" => reason.label()).increment(1);
+    tracing::debug!(reason = reason.label(), "session ended");
+    // Leaving the rooms does not wait for a client that stopped reading, nor the other way.
+    let closing = tokio::time::timeout(WRITE_TIMEOUT, link.close(reason));
+    let (_, closed) = tokio::join!(session.close(), closing);
+    if !matches!(closed, Ok(Ok(()))) {
+        tracing::debug!("close frame not delivered");
     }
-    if reason != "client_closed" {
-        linger(&mut stream).await;
+    if reason != End::ClientClosed {
+        linger(&mut link.socket).await;
     }
 }
 
 /// After the server's close frame: keep reading briefly so the client can read that frame and
 /// answer it (the closing handshake), instead of meeting a reset connection.
-async fn linger(stream: &mut SplitStream<WebSocket>) {
+async fn linger(socket: &mut WebSocket) {
     let _ = tokio::time::timeout(LINGER, async {
-        while let Some(Ok(message)) = stream.next().await {
+        while let Some(Ok(message)) = socket.next().await {
             if let Message::Close(_) = message {
                 break;
             }
@@ -219,136 +210,299 @@ async fn linger(stream: &mut SplitStream<WebSocket>) {
     .await;
 }
 
-/// Reads frames until the socket ends; returns why it ended (a metrics label).
-async fn read_loop(
+/// Why a conversation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Drain,
+    SlowConsumer,
+    HeartbeatTimeout,
+    ClientClosed,
+    TooLarge,
+    Error,
+    /// The socket stopped taking writes (failed, or no flush within the write timeout).
+    Gone,
+}
+
+impl End {
+    /// The metrics label.
+    fn label(self) -> &'static str {
+        match self {
+            End::Drain => "drain",
+            End::SlowConsumer => "slow_consumer",
+            End::HeartbeatTimeout => "heartbeat_timeout",
+            End::ClientClosed => "client_closed",
+            End::TooLarge => "too_large",
+            End::Error => "error",
+            End::Gone => "gone",
+        }
+    }
+}
+
+/// A frame being handled: the session is lent to it and comes back with the outcome.
+type Handling = Pin<Box<dyn Future<Output = (Session, Result<(), Gone>)> + Send>>;
+
+/// Reads and answers the client's frames until the conversation ends; returns why, and the
+/// session back.
+///
+/// One frame is handled at a time, and the socket is not read meanwhile (the client waits
+/// for its answers), but writing goes on: a handler may be waiting for room in the replies
+/// queue. The handler's future is boxed, so that an idle connection does not carry the
+/// largest handler's state. Drain and kick are noticed whatever the socket is doing; a frame
+/// already being handled is finished first, because a session is not cancel-safe (a join
+/// half done would leave a membership behind).
+async fn converse(
     ctx: &SharedContext,
-    session: &mut Session,
-    stream: &mut SplitStream<WebSocket>,
-    replies: &mpsc::Sender<Outbound>,
     slot: &SessionSlot,
     kick: &CancellationToken,
-) -> &'static str {
+    session: Session,
+    link: &mut Link,
+) -> (End, Session) {
     let heartbeat = ctx.settings.heartbeat();
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_seen = Instant::now();
-    let (reason, close) = loop {
+    let deadline = tokio::time::sleep(WRITE_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut idle = Some(session);
+    let mut handling: Option<Handling> = None;
+    let mut end: Option<End> = None;
+    loop {
+        if let Some(end) = end
+            && handling.is_none()
+            && let Some(session) = idle.take()
+        {
+            return (end, session);
+        }
+        let reading = end.is_none() && handling.is_none();
         tokio::select! {
             biased;
-            _ = slot.close.cancelled() => break ("drain", Some((CLOSE_SERVICE_RESTART, "gateway restarting"))),
-            _ = kick.cancelled() => break ("slow_consumer", None),
-            _ = ticker.tick() => {
+            _ = slot.close.cancelled(), if end.is_none() => end = Some(End::Drain),
+            _ = kick.cancelled(), if !link.kicked => {
+                link.kick();
+                end.get_or_insert(End::SlowConsumer);
+            }
+            _ = ticker.tick(), if end.is_none() => {
                 if last_seen.elapsed() > heartbeat * 5 / 2 {
-                    break ("heartbeat_timeout", Some((CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")));
-                }
-                if replies.send(Outbound::Ping).await.is_err() {
-                    break ("gone", None);
+                    end = Some(End::HeartbeatTimeout);
+                } else {
+                    link.ping = true;
                 }
             }
-            incoming = stream.next() => {
-                last_seen = Instant::now();
-                match incoming {
-                    None | Some(Ok(Message::Close(_))) => break ("client_closed", None),
-                    Some(Err(e)) if is_too_big(&e) => {
-                        break ("too_large", Some((CLOSE_TOO_BIG, "frame too large")));
+            (session, handled) = async { handling.as_mut().expect("guarded").await },
+                if handling.is_some() =>
+            {
+                handling = None;
+                idle = Some(session);
+                if handled.is_err() {
+                    end.get_or_insert(End::Gone);
+                }
+            }
+            event = std::future::poll_fn(|cx| link.poll(cx, deadline.as_mut(), reading)),
+                if !link.broken =>
+            {
+                match event {
+                    Event::Broken => {
+                        end.get_or_insert(End::Gone);
                     }
-                    Some(Err(_)) => break ("error", None),
-                    Some(Ok(Message::Text(text))) => {
-                        if session.handle_text(&text).await.is_err() {
-                            break ("gone", None);
+                    Event::Incoming(incoming) => {
+                        last_seen = Instant::now();
+                        let mut session = idle.take().expect("read only while no frame is handled");
+                        match incoming {
+                            None | Some(Ok(Message::Close(_))) => end = Some(End::ClientClosed),
+                            Some(Err(e)) if is_too_big(&e) => end = Some(End::TooLarge),
+                            Some(Err(_)) => end = Some(End::Error),
+                            Some(Ok(Message::Text(text))) => {
+                                handling = Some(Box::pin(async move {
+                                    let handled = session.handle_text(&text).await;
+                                    (session, handled)
+                                }));
+                                continue;
+                            }
+                            Some(Ok(Message::Binary(_))) => {
+                                handling = Some(Box::pin(async move {
+                                    let handled = session.reject_binary().await;
+                                    (session, handled)
+                                }));
+                                continue;
+                            }
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        }
+                        idle = Some(session);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the socket side has to report.
+enum Event {
+    Incoming(Option<Result<Message, axum::Error>>),
+    /// A write failed, or did not finish within the write timeout.
+    Broken,
+}
+
+/// One connection's socket and the queues it writes from.
+struct Link {
+    socket: WebSocket,
+    replies: mpsc::Receiver<Utf8Bytes>,
+    fanout: mpsc::Receiver<Utf8Bytes>,
+    /// A ping is owed to the client.
+    ping: bool,
+    /// Taken from a queue, not yet accepted by the socket.
+    held: Option<Message>,
+    /// Frames fed since the last flush, and how many of them were text.
+    fed: usize,
+    texts: u64,
+    flushing: bool,
+    /// The write timeout is running.
+    armed: bool,
+    /// Kicked as a slow consumer: nothing queued is written any more.
+    kicked: bool,
+    broken: bool,
+}
+
+impl Link {
+    fn new(
+        socket: WebSocket,
+        replies: mpsc::Receiver<Utf8Bytes>,
+        fanout: mpsc::Receiver<Utf8Bytes>,
+    ) -> Self {
+        Link {
+            socket,
+            replies,
+            fanout,
+            ping: false,
+            held: None,
+            fed: 0,
+            texts: 0,
+            flushing: false,
+            armed: false,
+            kicked: false,
+            broken: false,
+        }
+    }
+
+    fn kick(&mut self) {
+        self.kicked = true;
+        // A handler waiting for room in the replies queue learns that the client is gone.
+        self.replies.close();
+    }
+
+    /// Writes what it can, and reads one frame if `reading`. Ready with the first thing that
+    /// needs the caller; every waker it depends on is registered when it is pending.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut deadline: Pin<&mut Sleep>,
+        reading: bool,
+    ) -> Poll<Event> {
+        if !self.kicked {
+            if self.poll_write(cx).is_err() {
+                return self.broke();
+            }
+            let writing = self.held.is_some() || self.fed > 0;
+            if writing && !self.armed {
+                deadline.as_mut().reset(Instant::now() + WRITE_TIMEOUT);
+                self.armed = true;
+            } else if !writing {
+                self.armed = false;
+            }
+            if self.armed && deadline.poll(cx).is_ready() {
+                return self.broke();
+            }
+        }
+        if reading && let Poll::Ready(incoming) = Pin::new(&mut self.socket).poll_next(cx) {
+            return Poll::Ready(Event::Incoming(incoming));
+        }
+        Poll::Pending
+    }
+
+    fn broke(&mut self) -> Poll<Event> {
+        self.broken = true;
+        self.replies.close();
+        Poll::Ready(Event::Broken)
+    }
+
+    /// Feeds queued frames to the socket, replies first, up to a batch, then flushes the
+    /// batch before taking more.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), axum::Error> {
+        loop {
+            if !self.flushing {
+                while self.fed < WRITE_BATCH {
+                    let Some(message) = self.held.take().or_else(|| self.next_queued(cx)) else {
+                        break;
+                    };
+                    match Pin::new(&mut self.socket).poll_ready(cx) {
+                        Poll::Ready(ready) => ready?,
+                        Poll::Pending => {
+                            self.held = Some(message);
+                            return Ok(());
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        if session.reject_binary().await.is_err() {
-                            break ("gone", None);
-                        }
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    self.texts += u64::from(matches!(message, Message::Text(_)));
+                    Pin::new(&mut self.socket).start_send(message)?;
+                    self.fed += 1;
                 }
-            }
-        }
-    };
-    if let Some((code, text)) = close {
-        let _ = replies.send(Outbound::Close(code, text)).await;
-    }
-    reason
-}
-
-/// Writes what is queued, replies first, flushing once per batch.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut replies: mpsc::Receiver<Outbound>,
-    mut fanout: mpsc::Receiver<Utf8Bytes>,
-    kick: CancellationToken,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = kick.cancelled() => break,
-            reply = replies.recv() => match reply {
-                Some(item) => item,
-                None => {
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
-                    return;
+                if self.fed == 0 {
+                    return Ok(());
                 }
-            },
-            Some(frame) = fanout.recv() => Outbound::Frame(frame),
-        };
-        // A client that stops reading blocks the write; the kick must still get through.
-        let batch = write_batch(&mut sink, first, &mut replies, &mut fanout);
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout(WRITE_TIMEOUT, batch) => outcome,
-            _ = kick.cancelled() => break,
-        };
-        match outcome {
-            Ok(Ok(Batch::More)) => continue,
-            Ok(Ok(Batch::Closed)) | Ok(Err(_)) | Err(_) => return,
+                self.flushing = true;
+            }
+            match Pin::new(&mut self.socket).poll_flush(cx) {
+                Poll::Ready(flushed) => flushed?,
+                Poll::Pending => return Ok(()),
+            }
+            metrics::counter!("chat_frames_written_total").increment(self.texts);
+            self.flushing = false;
+            self.fed = 0;
+            self.texts = 0;
         }
     }
-    // Kicked as a slow consumer: say so, if the client reads again within the write timeout.
-    let closing = sink.send(close_message(
-        CLOSE_SLOW_CONSUMER,
-        "slow consumer: reconnect and resume",
-    ));
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, closing).await;
-}
 
-enum Batch {
-    More,
-    Closed,
-}
-
-/// Feeds `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Outbound,
-    replies: &mut mpsc::Receiver<Outbound>,
-    fanout: &mut mpsc::Receiver<Utf8Bytes>,
-) -> Result<Batch, axum::Error> {
-    let mut frames = 0u64;
-    let mut next = Some(first);
-    let mut closing = false;
-    while let Some(item) = next.take() {
-        let message = match item {
-            Outbound::Frame(text) => {
-                frames += 1;
-                Message::Text(text)
-            }
-            Outbound::Ping => Message::Ping(bytes::Bytes::new()),
-            Outbound::Close(code, reason) => {
-                closing = true;
-                close_message(code, reason)
-            }
-        };
-        sink.feed(message).await?;
-        if closing || frames >= WRITE_BATCH as u64 {
-            break;
+    fn next_queued(&mut self, cx: &mut Context<'_>) -> Option<Message> {
+        if std::mem::take(&mut self.ping) {
+            return Some(Message::Ping(bytes::Bytes::new()));
         }
-        next = match replies.try_recv() {
-            Ok(item) => Some(item),
-            Err(_) => fanout.try_recv().ok().map(Outbound::Frame),
-        };
+        if let Poll::Ready(Some(text)) = self.replies.poll_recv(cx) {
+            return Some(Message::Text(text));
+        }
+        if let Poll::Ready(Some(text)) = self.fanout.poll_recv(cx) {
+            return Some(Message::Text(text));
+        }
+        None
     }
-    sink.flush().await?;
-    metrics::counter!("chat_frames_written_total").increment(frames);
-    Ok(if closing { Batch::Closed } else { Batch::More })
+
+    /// Ends the socket's side of the conversation.
+    async fn close(&mut self, end: End) -> Result<(), axum::Error> {
+        if self.broken {
+            return Ok(());
+        }
+        if self.kicked {
+            // Whatever was fed goes out first; what is still queued is dropped.
+            return self
+                .socket
+                .send(close_message(
+                    CLOSE_SLOW_CONSUMER,
+                    "slow consumer: reconnect and resume",
+                ))
+                .await;
+        }
+        let (code, reason) = match end {
+            End::Drain => (CLOSE_SERVICE_RESTART, "gateway restarting"),
+            End::HeartbeatTimeout => (CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+            End::TooLarge => (CLOSE_TOO_BIG, "frame too large"),
+            // The client's close is answered, or the socket is closed.
+            End::ClientClosed | End::Error | End::Gone | End::SlowConsumer => {
+                return self.socket.close().await;
+            }
+        };
+        // The replies queued before the close frame go out first; room events do not.
+        if let Some(message) = self.held.take() {
+            self.socket.feed(message).await?;
+        }
+        while let Ok(text) = self.replies.try_recv() {
+            self.socket.feed(Message::Text(text)).await?;
+        }
+        self.socket.send(close_message(code, reason)).await
+    }
 }
