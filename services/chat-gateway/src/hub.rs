@@ -12,6 +12,7 @@
 //! back that far.
 
 use crate::bus::{self, Bus, BusEvent, BusListener, decode};
+use crate::queue;
 use crate::store::Store;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
@@ -22,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Recent frames a room keeps for sessions that attach slightly behind.
@@ -38,9 +38,8 @@ pub struct Outbox {
     pub session: u64,
     /// The session's user: presence events about this user are not sent back to them.
     pub user: Username,
-    pub fanout: mpsc::Sender<Utf8Bytes>,
-    /// Cancelled when the session must go: it could not keep up.
-    pub kick: CancellationToken,
+    /// Overflowing it disconnects the session: it could not keep up.
+    pub fanout: queue::Sender<Utf8Bytes>,
 }
 
 impl Outbox {
@@ -48,14 +47,13 @@ impl Outbox {
     fn offer(&self, frame: &Utf8Bytes) -> bool {
         match self.fanout.try_send(frame.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.kick.is_cancelled() {
+            Err(queue::TrySendError::Full(_)) => {
+                if self.fanout.overflow() {
                     metrics::counter!("chat_slow_consumers_total").increment(1);
-                    self.kick.cancel();
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(queue::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -554,7 +552,7 @@ impl RoomTask {
             }
             let ok = sub.outbox.offer(&frame);
             delivered += u64::from(ok);
-            ok || !sub.outbox.fanout.is_closed() && !sub.outbox.kick.is_cancelled()
+            ok || !sub.outbox.fanout.is_closed()
         });
         metrics::counter!("chat_messages_delivered_total").increment(delivered);
         // Once per message per gateway: commit -> queued to every local socket.

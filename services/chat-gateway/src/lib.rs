@@ -9,6 +9,7 @@ pub mod context;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod queue;
 pub mod session;
 pub mod store;
 pub mod telemetry;

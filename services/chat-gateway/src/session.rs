@@ -9,6 +9,7 @@ use crate::bus;
 use crate::context::SharedContext;
 use crate::error::Failure;
 use crate::hub::{Attach, Outbox, RoomRef, encode_message};
+use crate::queue;
 use crate::store::NewMessage;
 use axum::extract::ws::Utf8Bytes;
 use chat_protocol::frames::Ref;
@@ -20,7 +21,6 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// The client stopped reading its replies (the socket is gone).
 #[derive(Debug)]
@@ -34,7 +34,7 @@ pub struct Session {
     id: u64,
     user: Username,
     outbox: Outbox,
-    replies: mpsc::Sender<Utf8Bytes>,
+    replies: queue::Sender<Utf8Bytes>,
     rooms: HashMap<RoomName, RoomRef>,
     message_limit: DefaultDirectRateLimiter,
     frame_limit: DefaultDirectRateLimiter,
@@ -52,7 +52,7 @@ impl Session {
         id: u64,
         user: Username,
         outbox: Outbox,
-        replies: mpsc::Sender<Utf8Bytes>,
+        replies: queue::Sender<Utf8Bytes>,
     ) -> Self {
         let s = &ctx.settings;
         let message_limit = RateLimiter::direct(quota(s.rate_per_sec, s.rate_burst));
@@ -480,19 +480,18 @@ mod tests {
 
     struct Driven {
         session: Session,
-        replies: mpsc::Receiver<Utf8Bytes>,
-        fanout: mpsc::Receiver<Utf8Bytes>,
+        replies: queue::Receiver<Utf8Bytes>,
+        fanout: queue::Receiver<Utf8Bytes>,
     }
 
     fn session(ctx: &SharedContext, id: u64, user: &str) -> Driven {
-        let (reply_tx, replies) = mpsc::channel(64);
-        let (fanout_tx, fanout) = mpsc::channel(64);
+        let (reply_tx, replies) = queue::bounded(64);
+        let (fanout_tx, fanout) = queue::bounded(64);
         let user = Username::parse(user).unwrap();
         let outbox = Outbox {
             session: id,
             user: user.clone(),
             fanout: fanout_tx,
-            kick: CancellationToken::new(),
         };
         Driven {
             session: Session::new(ctx.clone(), id, user, outbox, reply_tx),

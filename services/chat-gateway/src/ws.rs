@@ -5,6 +5,7 @@
 use crate::context::{SessionSlot, SharedContext};
 use crate::error::Failure;
 use crate::hub::Outbox;
+use crate::queue;
 use crate::session::{Gone, Session};
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -19,9 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Replies queued for one client (answers to its own frames, backlog pages).
@@ -163,14 +162,12 @@ async fn serve(mut socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
     tracing::Span::current().record("user", tracing::field::display(&user));
     tracing::debug!("session started");
 
-    let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
-    let (fanout_tx, fanout) = mpsc::channel(ctx.settings.outbound_queue);
-    let kick = CancellationToken::new();
+    let (reply_tx, replies) = queue::bounded(REPLY_QUEUE);
+    let (fanout_tx, fanout) = queue::bounded(ctx.settings.outbound_queue);
     let outbox = Outbox {
         session: connection,
         user: user.clone(),
         fanout: fanout_tx,
-        kick: kick.clone(),
     };
     let welcome = ServerFrame::Welcome {
         user: user.clone(),
@@ -183,7 +180,7 @@ async fn serve(mut socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
     let _ = reply_tx.try_send(welcome.into());
     let session = Session::new(ctx.clone(), connection, user, outbox, reply_tx);
     let mut link = Link::new(socket, replies, fanout);
-    let (reason, session) = converse(&ctx, &slot, &kick, session, &mut link).await;
+    let (reason, session) = converse(&ctx, &slot, session, &mut link).await;
     metrics::counter!("chat_connections_closed_total", "reason" => reason.label()).increment(1);
     tracing::debug!(reason = reason.label(), "session ended");
     // Leaving the rooms does not wait for a client that stopped reading, nor the other way.
@@ -253,7 +250,6 @@ type Handling = Pin<Box<dyn Future<Output = (Session, Result<(), Gone>)> + Send>
 async fn converse(
     ctx: &SharedContext,
     slot: &SessionSlot,
-    kick: &CancellationToken,
     session: Session,
     link: &mut Link,
 ) -> (End, Session) {
@@ -276,10 +272,6 @@ async fn converse(
         tokio::select! {
             biased;
             _ = slot.close.cancelled(), if end.is_none() => end = Some(End::Drain),
-            _ = kick.cancelled(), if !link.kicked => {
-                link.kick();
-                end.get_or_insert(End::SlowConsumer);
-            }
             _ = ticker.tick(), if end.is_none() => {
                 if last_seen.elapsed() > heartbeat * 5 / 2 {
                     end = Some(End::HeartbeatTimeout);
@@ -300,6 +292,9 @@ async fn converse(
                 if !link.broken =>
             {
                 match event {
+                    Event::Kicked => {
+                        end.get_or_insert(End::SlowConsumer);
+                    }
                     Event::Broken => {
                         end.get_or_insert(End::Gone);
                     }
@@ -337,6 +332,8 @@ async fn converse(
 /// What the socket side has to report.
 enum Event {
     Incoming(Option<Result<Message, axum::Error>>),
+    /// The session fell behind: its fanout queue overflowed.
+    Kicked,
     /// A write failed, or did not finish within the write timeout.
     Broken,
 }
@@ -344,8 +341,8 @@ enum Event {
 /// One connection's socket and the queues it writes from.
 struct Link {
     socket: WebSocket,
-    replies: mpsc::Receiver<Utf8Bytes>,
-    fanout: mpsc::Receiver<Utf8Bytes>,
+    replies: queue::Receiver<Utf8Bytes>,
+    fanout: queue::Receiver<Utf8Bytes>,
     /// A ping is owed to the client.
     ping: bool,
     /// Taken from a queue, not yet accepted by the socket.
@@ -364,8 +361,8 @@ struct Link {
 impl Link {
     fn new(
         socket: WebSocket,
-        replies: mpsc::Receiver<Utf8Bytes>,
-        fanout: mpsc::Receiver<Utf8Bytes>,
+        replies: queue::Receiver<Utf8Bytes>,
+        fanout: queue::Receiver<Utf8Bytes>,
     ) -> Self {
         Link {
             socket,
@@ -382,12 +379,6 @@ impl Link {
         }
     }
 
-    fn kick(&mut self) {
-        self.kicked = true;
-        // A handler waiting for room in the replies queue learns that the client is gone.
-        self.replies.close();
-    }
-
     /// Writes what it can, and reads one frame if `reading`. Ready with the first thing that
     /// needs the caller; every waker it depends on is registered when it is pending.
     fn poll(
@@ -396,6 +387,12 @@ impl Link {
         mut deadline: Pin<&mut Sleep>,
         reading: bool,
     ) -> Poll<Event> {
+        if !self.kicked && self.fanout.poll_overflowed(cx).is_ready() {
+            self.kicked = true;
+            // A handler waiting for room in the replies queue learns that the client is gone.
+            self.replies.close();
+            return Poll::Ready(Event::Kicked);
+        }
         if !self.kicked {
             if self.poll_write(cx).is_err() {
                 return self.broke();
@@ -500,7 +497,7 @@ impl Link {
         if let Some(message) = self.held.take() {
             self.socket.feed(message).await?;
         }
-        while let Ok(text) = self.replies.try_recv() {
+        while let Some(text) = self.replies.try_recv() {
             self.socket.feed(Message::Text(text)).await?;
         }
         self.socket.send(close_message(code, reason)).await

@@ -1,0 +1,327 @@
+//! The bounded queues that carry one connection's outgoing frames: the session's replies and
+//! the rooms' fanout.
+//!
+//! Each queue has one receiver (the connection's task) and any number of senders. They are
+//! small because there is one pair per connection: an idle queue is one allocation of about a
+//! hundred bytes, and holds no buffer while it is empty (a tokio channel allocates a block of
+//! 32 slots up front, about 1.5 KiB with its shared state). The receiver does not learn that
+//! every sender is gone; the connection that owns it knows when to stop.
+//!
+//! A full queue either makes the sender wait for room (`send`, for replies: a client that
+//! does not read slows only itself), or is reported at once (`try_send`, for room events:
+//! the room marks the queue `overflow`ed, which closes it and tells the receiver).
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use tokio::sync::Notify;
+
+/// Creates a queue that holds at most `capacity` items.
+pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            capacity: capacity.max(1),
+            closed: false,
+            overflowed: false,
+            receiver: None,
+            watcher: None,
+        }),
+        room: Notify::new(),
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    /// Woken when an item is taken from a full queue, or the queue closes.
+    room: Notify,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    capacity: usize,
+    closed: bool,
+    overflowed: bool,
+    /// Woken by the next item (or the close).
+    receiver: Option<Waker>,
+    /// Woken by the close only.
+    watcher: Option<Waker>,
+}
+
+fn register(slot: &mut Option<Waker>, waker: &Waker) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        *slot = Some(waker.clone());
+    }
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the queue and drops what it holds (outside the lock); waiting senders return.
+    fn close(&self, overflowed: bool) -> bool {
+        let (first, items, wakers) = {
+            let mut state = self.lock();
+            let first = !state.closed;
+            state.closed = true;
+            state.overflowed |= overflowed && first;
+            (
+                first,
+                std::mem::take(&mut state.items),
+                [state.receiver.take(), state.watcher.take()],
+            )
+        };
+        drop(items);
+        self.room.notify_waiters();
+        for waker in wakers.into_iter().flatten() {
+            waker.wake();
+        }
+        first
+    }
+}
+
+/// Why an item was not queued; the item comes back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TrySendError<T> {
+    Full(T),
+    Closed(T),
+}
+
+/// The receiver is gone, or closed the queue.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed;
+
+pub struct Sender<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queues `item` if there is room.
+    pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        let receiver = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(TrySendError::Closed(item));
+            }
+            if state.items.len() >= state.capacity {
+                return Err(TrySendError::Full(item));
+            }
+            state.items.push_back(item);
+            state.receiver.take()
+        };
+        if let Some(waker) = receiver {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues `item`, waiting for room while the queue is full.
+    pub async fn send(&self, mut item: T) -> Result<(), Closed> {
+        loop {
+            // Registered before looking, so that room made in between is not missed.
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(_)) => return Err(Closed),
+                Err(TrySendError::Full(back)) => item = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Closes the queue because a sender found it full and must not wait: the receiver fell
+    /// behind. Returns whether this call closed it.
+    pub fn overflow(&self) -> bool {
+        self.shared.close(true)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+}
+
+pub struct Receiver<T> {
+    shared: Arc<Shared<T>>,
+}
+
+enum Taken<T> {
+    Item(T),
+    Empty,
+    Closed,
+}
+
+impl<T> Receiver<T> {
+    /// The next item; `None` once the queue is closed (what it held was dropped then).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        // Taking items spends the task's budget, like tokio's channels: a queue that is
+        // refilled as fast as it drains must not keep the task from yielding.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        match self.take(Some(cx.waker())) {
+            Taken::Item(item) => {
+                coop.made_progress();
+                Poll::Ready(Some(item))
+            }
+            Taken::Closed => Poll::Ready(None),
+            Taken::Empty => Poll::Pending,
+        }
+    }
+
+    pub async fn recv(&mut self) -> Option<T> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<T> {
+        match self.take(None) {
+            Taken::Item(item) => Some(item),
+            Taken::Empty | Taken::Closed => None,
+        }
+    }
+
+    /// Pops an item; when there is none, registers `waker` (if given) for the next one.
+    fn take(&self, waker: Option<&Waker>) -> Taken<T> {
+        let (item, was_full) = {
+            let mut state = self.shared.lock();
+            let was_full = state.items.len() >= state.capacity;
+            let Some(item) = state.items.pop_front() else {
+                if state.closed {
+                    return Taken::Closed;
+                }
+                if let Some(waker) = waker {
+                    register(&mut state.receiver, waker);
+                }
+                return Taken::Empty;
+            };
+            if state.items.is_empty() {
+                // An idle connection holds no buffer, whatever its last burst was.
+                state.items = VecDeque::new();
+            }
+            (item, was_full)
+        };
+        if was_full {
+            self.shared.room.notify_waiters();
+        }
+        Taken::Item(item)
+    }
+
+    /// Ready once a sender has overflowed the queue; otherwise wakes the task when one does.
+    pub fn poll_overflowed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        if state.overflowed {
+            return Poll::Ready(());
+        }
+        register(&mut state.watcher, cx.waker());
+        Poll::Pending
+    }
+
+    /// Refuses further items and drops the queued ones; waiting senders return `Closed`.
+    pub fn close(&mut self) {
+        self.shared.close(false);
+    }
+
+    /// A sender for this queue.
+    pub fn sender(&self) -> Sender<T> {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        self.shared.close(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn items_arrive_in_order_up_to_the_capacity() {
+        let (tx, mut rx) = bounded(2);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert_eq!(tx.try_send(3), Err(TrySendError::Full(3)));
+        assert_eq!(rx.recv().await, Some(1));
+        tx.try_send(3).unwrap();
+        assert_eq!(rx.try_recv(), Some(2));
+        assert_eq!(rx.try_recv(), Some(3));
+        assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_keeps_no_buffer() {
+        let (tx, mut rx) = bounded(100);
+        for i in 0..100 {
+            tx.try_send(i).unwrap();
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn send_waits_for_room() {
+        let (tx, mut rx) = bounded(1);
+        tx.send(1).await.unwrap();
+        let waiting = tokio::spawn(async move { tx.send(2).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(rx.recv().await, Some(1));
+        waiting.await.unwrap().unwrap();
+        assert_eq!(rx.recv().await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn closing_releases_waiting_senders() {
+        let (tx, mut rx) = bounded(1);
+        tx.send(1).await.unwrap();
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rx.close();
+        assert_eq!(waiting.await.unwrap(), Err(Closed));
+        assert_eq!(rx.recv().await, None);
+        assert_eq!(tx.try_send(3), Err(TrySendError::Closed(3)));
+        drop(rx);
+        assert_eq!(tx.send(4).await, Err(Closed));
+    }
+
+    #[tokio::test]
+    async fn an_overflow_closes_the_queue_and_wakes_the_receiver() {
+        let (tx, mut rx) = bounded(1);
+        let watching = tokio::spawn(async move {
+            poll_fn(|cx| rx.poll_overflowed(cx)).await;
+            rx
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.try_send(1).unwrap();
+        assert_eq!(tx.try_send(2), Err(TrySendError::Full(2)));
+        assert!(tx.overflow());
+        assert!(!tx.overflow(), "reported once");
+        let mut rx = watching.await.unwrap();
+        assert!(tx.is_closed());
+        assert_eq!(rx.recv().await, None);
+    }
+}
