@@ -149,48 +149,173 @@ async fn handshake(
     }
 }
 
-async fn serve(mut socket: WebSocket, ctx: SharedContext, slot: SessionSlot) {
-    let (user, reference) = match handshake(&ctx, &mut socket, &slot).await {
-        Ok(ok) => ok,
-        Err((reference, code, error, message)) => {
-            refuse(&mut socket, reference, code, error, message).await;
-            linger(&mut socket).await;
-            return;
-        }
+/// Serves one socket, from `hello` to close.
+///
+/// Not an `async fn`: that would keep its arguments in the task twice (as arguments, then as
+/// locals), and the socket a third time once moved into the link. The connection is built
+/// here, before the first await, and used in place.
+fn serve(
+    socket: WebSocket,
+    ctx: SharedContext,
+    slot: SessionSlot,
+) -> impl Future<Output = ()> + Send {
+    let mut connection = Connection {
+        link: Link::new(socket, ctx.settings.outbound_queue),
+        session: None,
+        ctx,
+        slot,
     };
-    let connection = slot.id;
-    tracing::Span::current().record("user", tracing::field::display(&user));
-    tracing::debug!("session started");
+    async move { connection.run().await }
+}
 
-    let (reply_tx, replies) = queue::bounded(REPLY_QUEUE);
-    let (fanout_tx, fanout) = queue::bounded(ctx.settings.outbound_queue);
-    let outbox = Outbox {
-        session: connection,
-        user: user.clone(),
-        fanout: fanout_tx,
-    };
-    let welcome = ServerFrame::Welcome {
-        user: user.clone(),
-        session: format!("{}-{connection}", ctx.gateway),
-        gateway: ctx.gateway.clone(),
-        heartbeat_ms: ctx.settings.heartbeat_ms,
+/// What one connection keeps for its whole life.
+struct Connection {
+    ctx: SharedContext,
+    slot: SessionSlot,
+    link: Link,
+    /// Set after `hello`; lent to the frame being handled.
+    session: Option<Session>,
+}
+
+impl Connection {
+    async fn run(&mut self) {
+        let socket = &mut self.link.socket;
+        let (user, reference) = match handshake(&self.ctx, socket, &self.slot).await {
+            Ok(ok) => ok,
+            Err((reference, code, error, message)) => {
+                refuse(socket, reference, code, error, message).await;
+                linger(socket).await;
+                return;
+            }
+        };
+        let id = self.slot.id;
+        tracing::Span::current().record("user", tracing::field::display(&user));
+        tracing::debug!("session started");
+        let outbox = Outbox {
+            session: id,
+            user: user.clone(),
+            fanout: self.link.fanout.sender(),
+        };
+        let replies = self.link.replies.sender();
+        let welcome = ServerFrame::Welcome {
+            user: user.clone(),
+            session: format!("{}-{id}", self.ctx.gateway),
+            gateway: self.ctx.gateway.clone(),
+            heartbeat_ms: self.ctx.settings.heartbeat_ms,
+        }
+        .encode(reference);
+        // The queue is new and empty: the welcome fits.
+        let _ = replies.try_send(welcome.into());
+        self.session = Some(Session::new(self.ctx.clone(), id, user, outbox, replies));
+        let end = self.converse().await;
+        metrics::counter!("chat_connections_closed_total", "reason" => end.label()).increment(1);
+        tracing::debug!(reason = end.label(), "session ended");
+        // Boxed: this state exists only while closing; inline, it would make every idle
+        // connection's task as large.
+        Box::pin(self.close(end)).await;
     }
-    .encode(reference);
-    // The queue is new and empty: the welcome fits.
-    let _ = reply_tx.try_send(welcome.into());
-    let session = Session::new(ctx.clone(), connection, user, outbox, reply_tx);
-    let mut link = Link::new(socket, replies, fanout);
-    let (reason, session) = converse(&ctx, &slot, session, &mut link).await;
-    metrics::counter!("chat_connections_closed_total", "reason" => reason.label()).increment(1);
-    tracing::debug!(reason = reason.label(), "session ended");
-    // Leaving the rooms does not wait for a client that stopped reading, nor the other way.
-    let closing = tokio::time::timeout(WRITE_TIMEOUT, link.close(reason));
-    let (_, closed) = tokio::join!(session.close(), closing);
-    if !matches!(closed, Ok(Ok(()))) {
-        tracing::debug!("close frame not delivered");
+
+    /// Leaves the rooms and closes the socket, side by side: neither waits for the other (a
+    /// client that stopped reading must not delay leaving the rooms).
+    async fn close(&mut self, end: End) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let closing = tokio::time::timeout(WRITE_TIMEOUT, self.link.close(end));
+        let (_, closed) = tokio::join!(session.close(), closing);
+        if !matches!(closed, Ok(Ok(()))) {
+            tracing::debug!("close frame not delivered");
+        }
+        if end != End::ClientClosed {
+            linger(&mut self.link.socket).await;
+        }
     }
-    if reason != End::ClientClosed {
-        linger(&mut link.socket).await;
+
+    /// Reads and answers the client's frames until the conversation ends; returns why.
+    ///
+    /// One frame is handled at a time, and the socket is not read meanwhile (the client waits
+    /// for its answers), but writing goes on: a handler may be waiting for room in the replies
+    /// queue. The handler's future is boxed, so that an idle connection does not carry the
+    /// largest handler's state. Drain and kick are noticed whatever the socket is doing; a frame
+    /// already being handled is finished first, because a session is not cancel-safe (a join
+    /// half done would leave a membership behind).
+    async fn converse(&mut self) -> End {
+        let link = &mut self.link;
+        let heartbeat = self.ctx.settings.heartbeat();
+        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut last_seen = Instant::now();
+        let deadline = tokio::time::sleep(WRITE_TIMEOUT);
+        tokio::pin!(deadline);
+        let mut handling: Option<Handling> = None;
+        let mut end: Option<End> = None;
+        loop {
+            if let Some(end) = end
+                && handling.is_none()
+            {
+                return end;
+            }
+            let reading = end.is_none() && handling.is_none();
+            tokio::select! {
+                biased;
+                _ = self.slot.close.cancelled(), if end.is_none() => end = Some(End::Drain),
+                _ = ticker.tick(), if end.is_none() => {
+                    if last_seen.elapsed() > heartbeat * 5 / 2 {
+                        end = Some(End::HeartbeatTimeout);
+                    } else {
+                        link.ping = true;
+                    }
+                }
+                (session, handled) = async { handling.as_mut().expect("guarded").await },
+                    if handling.is_some() =>
+                {
+                    handling = None;
+                    self.session = Some(session);
+                    if handled.is_err() {
+                        end.get_or_insert(End::Gone);
+                    }
+                }
+                event = std::future::poll_fn(|cx| link.poll(cx, deadline.as_mut(), reading)),
+                    if !link.broken =>
+                {
+                    match event {
+                        Event::Kicked => {
+                            end.get_or_insert(End::SlowConsumer);
+                        }
+                        Event::Broken => {
+                            end.get_or_insert(End::Gone);
+                        }
+                        Event::Incoming(incoming) => {
+                            last_seen = Instant::now();
+                            let mut session =
+                                self.session.take().expect("read only while no frame is handled");
+                            match incoming {
+                                None | Some(Ok(Message::Close(_))) => {
+                                    end = Some(End::ClientClosed);
+                                }
+                                Some(Err(e)) if is_too_big(&e) => end = Some(End::TooLarge),
+                                Some(Err(_)) => end = Some(End::Error),
+                                Some(Ok(Message::Text(text))) => {
+                                    handling = Some(Box::pin(async move {
+                                        let handled = session.handle_text(&text).await;
+                                        (session, handled)
+                                    }));
+                                    continue;
+                                }
+                                Some(Ok(Message::Binary(_))) => {
+                                    handling = Some(Box::pin(async move {
+                                        let handled = session.reject_binary().await;
+                                        (session, handled)
+                                    }));
+                                    continue;
+                                }
+                                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                            }
+                            self.session = Some(session);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -238,97 +363,6 @@ impl End {
 /// A frame being handled: the session is lent to it and comes back with the outcome.
 type Handling = Pin<Box<dyn Future<Output = (Session, Result<(), Gone>)> + Send>>;
 
-/// Reads and answers the client's frames until the conversation ends; returns why, and the
-/// session back.
-///
-/// One frame is handled at a time, and the socket is not read meanwhile (the client waits
-/// for its answers), but writing goes on: a handler may be waiting for room in the replies
-/// queue. The handler's future is boxed, so that an idle connection does not carry the
-/// largest handler's state. Drain and kick are noticed whatever the socket is doing; a frame
-/// already being handled is finished first, because a session is not cancel-safe (a join
-/// half done would leave a membership behind).
-async fn converse(
-    ctx: &SharedContext,
-    slot: &SessionSlot,
-    session: Session,
-    link: &mut Link,
-) -> (End, Session) {
-    let heartbeat = ctx.settings.heartbeat();
-    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    let mut last_seen = Instant::now();
-    let deadline = tokio::time::sleep(WRITE_TIMEOUT);
-    tokio::pin!(deadline);
-    let mut idle = Some(session);
-    let mut handling: Option<Handling> = None;
-    let mut end: Option<End> = None;
-    loop {
-        if let Some(end) = end
-            && handling.is_none()
-            && let Some(session) = idle.take()
-        {
-            return (end, session);
-        }
-        let reading = end.is_none() && handling.is_none();
-        tokio::select! {
-            biased;
-            _ = slot.close.cancelled(), if end.is_none() => end = Some(End::Drain),
-            _ = ticker.tick(), if end.is_none() => {
-                if last_seen.elapsed() > heartbeat * 5 / 2 {
-                    end = Some(End::HeartbeatTimeout);
-                } else {
-                    link.ping = true;
-                }
-            }
-            (session, handled) = async { handling.as_mut().expect("guarded").await },
-                if handling.is_some() =>
-            {
-                handling = None;
-                idle = Some(session);
-                if handled.is_err() {
-                    end.get_or_insert(End::Gone);
-                }
-            }
-            event = std::future::poll_fn(|cx| link.poll(cx, deadline.as_mut(), reading)),
-                if !link.broken =>
-            {
-                match event {
-                    Event::Kicked => {
-                        end.get_or_insert(End::SlowConsumer);
-                    }
-                    Event::Broken => {
-                        end.get_or_insert(End::Gone);
-                    }
-                    Event::Incoming(incoming) => {
-                        last_seen = Instant::now();
-                        let mut session = idle.take().expect("read only while no frame is handled");
-                        match incoming {
-                            None | Some(Ok(Message::Close(_))) => end = Some(End::ClientClosed),
-                            Some(Err(e)) if is_too_big(&e) => end = Some(End::TooLarge),
-                            Some(Err(_)) => end = Some(End::Error),
-                            Some(Ok(Message::Text(text))) => {
-                                handling = Some(Box::pin(async move {
-                                    let handled = session.handle_text(&text).await;
-                                    (session, handled)
-                                }));
-                                continue;
-                            }
-                            Some(Ok(Message::Binary(_))) => {
-                                handling = Some(Box::pin(async move {
-                                    let handled = session.reject_binary().await;
-                                    (session, handled)
-                                }));
-                                continue;
-                            }
-                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        }
-                        idle = Some(session);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// What the socket side has to report.
 enum Event {
     Incoming(Option<Result<Message, axum::Error>>),
@@ -359,15 +393,11 @@ struct Link {
 }
 
 impl Link {
-    fn new(
-        socket: WebSocket,
-        replies: queue::Receiver<Utf8Bytes>,
-        fanout: queue::Receiver<Utf8Bytes>,
-    ) -> Self {
+    fn new(socket: WebSocket, fanout_queue: usize) -> Self {
         Link {
             socket,
-            replies,
-            fanout,
+            replies: queue::Receiver::new(REPLY_QUEUE),
+            fanout: queue::Receiver::new(fanout_queue),
             ping: false,
             held: None,
             fed: 0,
