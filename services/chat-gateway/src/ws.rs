@@ -379,8 +379,8 @@ struct Link {
     fanout: queue::Receiver<Utf8Bytes>,
     /// A ping is owed to the client.
     ping: bool,
-    /// Taken from a queue, not yet accepted by the socket.
-    held: Option<Message>,
+    /// The socket is not ready for the next frame.
+    stalled: bool,
     /// Frames fed since the last flush, and how many of them were text.
     fed: usize,
     texts: u64,
@@ -399,7 +399,7 @@ impl Link {
             replies: queue::Receiver::new(REPLY_QUEUE),
             fanout: queue::Receiver::new(fanout_queue),
             ping: false,
-            held: None,
+            stalled: false,
             fed: 0,
             texts: 0,
             flushing: false,
@@ -427,7 +427,7 @@ impl Link {
             if self.poll_write(cx).is_err() {
                 return self.broke();
             }
-            let writing = self.held.is_some() || self.fed > 0;
+            let writing = self.stalled || self.fed > 0;
             if writing && !self.armed {
                 deadline.as_mut().reset(Instant::now() + WRITE_TIMEOUT);
                 self.armed = true;
@@ -456,16 +456,15 @@ impl Link {
         loop {
             if !self.flushing {
                 while self.fed < WRITE_BATCH {
-                    let Some(message) = self.held.take().or_else(|| self.next_queued(cx)) else {
+                    // Ready before taking: a frame leaves its queue only when the socket can
+                    // take it, so nothing is held aside.
+                    self.stalled = Pin::new(&mut self.socket).poll_ready(cx)?.is_pending();
+                    if self.stalled {
+                        return Ok(());
+                    }
+                    let Some(message) = self.next_queued(cx) else {
                         break;
                     };
-                    match Pin::new(&mut self.socket).poll_ready(cx) {
-                        Poll::Ready(ready) => ready?,
-                        Poll::Pending => {
-                            self.held = Some(message);
-                            return Ok(());
-                        }
-                    }
                     self.texts += u64::from(matches!(message, Message::Text(_)));
                     Pin::new(&mut self.socket).start_send(message)?;
                     self.fed += 1;
@@ -524,9 +523,6 @@ impl Link {
             }
         };
         // The replies queued before the close frame go out first; room events do not.
-        if let Some(message) = self.held.take() {
-            self.socket.feed(message).await?;
-        }
         while let Some(text) = self.replies.try_recv() {
             self.socket.feed(Message::Text(text)).await?;
         }
