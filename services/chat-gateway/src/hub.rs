@@ -107,6 +107,12 @@ pub struct RoomRef {
     tx: mpsc::Sender<RoomCmd>,
 }
 
+impl RoomRef {
+    pub fn room(&self) -> &RoomName {
+        &self.room
+    }
+}
+
 struct RoomEntry {
     tx: mpsc::Sender<RoomCmd>,
     members: usize,

@@ -18,7 +18,6 @@ use chat_protocol::{
     parse_client_frame,
 };
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,9 @@ pub struct Session {
     user: Username,
     outbox: Outbox,
     replies: queue::Sender<Utf8Bytes>,
-    rooms: HashMap<RoomName, RoomRef>,
+    /// A list, not a map: a connection is in a few rooms (at most
+    /// `max_rooms_per_connection`), and an idle one should not carry a hash table.
+    rooms: Vec<RoomRef>,
     message_limit: DefaultDirectRateLimiter,
     frame_limit: DefaultDirectRateLimiter,
 }
@@ -63,7 +64,7 @@ impl Session {
             user,
             outbox,
             replies,
-            rooms: HashMap::new(),
+            rooms: Vec::new(),
             message_limit,
             frame_limit,
         }
@@ -71,6 +72,15 @@ impl Session {
 
     pub fn user(&self) -> &Username {
         &self.user
+    }
+
+    fn membership(&self, room: &RoomName) -> Option<&RoomRef> {
+        self.rooms.iter().find(|m| m.room() == room)
+    }
+
+    fn take_membership(&mut self, room: &RoomName) -> Option<RoomRef> {
+        let at = self.rooms.iter().position(|m| m.room() == room)?;
+        Some(self.rooms.swap_remove(at))
     }
 
     async fn send(&self, frame: ServerFrame, reference: Option<Ref>) -> Result<(), Gone> {
@@ -144,7 +154,7 @@ impl Session {
             ))?,
             ClientFrame::Join { room, since } => self.join(room, since, reference).await,
             ClientFrame::Leave { room } => {
-                let membership = self.rooms.remove(&room).ok_or_else(not_joined)?;
+                let membership = self.take_membership(&room).ok_or_else(not_joined)?;
                 self.ctx.hub.exit(membership, self.id).await;
                 self.ctx.hub.presence_exit(&room, &self.user).await;
                 Ok(self.send(ServerFrame::Left { room }, reference).await?)
@@ -176,7 +186,7 @@ impl Session {
                 Ok(self.send(frame, reference).await?)
             }
             ClientFrame::Typing { room } => {
-                let membership = self.rooms.get(&room).ok_or_else(not_joined)?;
+                let membership = self.membership(&room).ok_or_else(not_joined)?;
                 let frame = ServerFrame::Typing {
                     room: room.clone(),
                     user: self.user.clone(),
@@ -205,7 +215,7 @@ impl Session {
         if !room.admits(&self.user) {
             Err(forbidden())?;
         }
-        let rejoin = self.rooms.remove(&room);
+        let rejoin = self.take_membership(&room);
         if rejoin.is_none() && self.rooms.len() >= self.ctx.settings.max_rooms_per_connection {
             Err(Failure::new(
                 ErrorCode::BadRequest,
@@ -270,7 +280,9 @@ impl Session {
             .await
         {
             Ok(()) => {
-                self.rooms.insert(room, membership);
+                // Grown one at a time: most connections are in one room.
+                self.rooms.reserve_exact(1);
+                self.rooms.push(membership);
                 Ok(())
             }
             Err(e) => {
@@ -336,7 +348,7 @@ impl Session {
         client_id: Option<ClientId>,
         reference: Option<Ref>,
     ) -> Result<(), Handled> {
-        let membership = self.rooms.get(&room).ok_or_else(not_joined)?.clone();
+        let membership = self.membership(&room).ok_or_else(not_joined)?.clone();
         let started = Instant::now();
         let committed = self
             .ctx
@@ -399,7 +411,8 @@ impl Session {
 
     /// Leaves every room (the socket closed).
     pub async fn close(mut self) {
-        for (room, membership) in std::mem::take(&mut self.rooms) {
+        for membership in std::mem::take(&mut self.rooms) {
+            let room = membership.room().clone();
             self.ctx.hub.exit(membership, self.id).await;
             self.ctx.hub.presence_exit(&room, &self.user).await;
         }
