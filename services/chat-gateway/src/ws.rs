@@ -238,7 +238,9 @@ impl Connection {
     /// queue. The handler's future is boxed, so that an idle connection does not carry the
     /// largest handler's state. Drain and kick are noticed whatever the socket is doing; a frame
     /// already being handled is finished first, because a session is not cancel-safe (a join
-    /// half done would leave a membership behind).
+    /// half done would leave a membership behind). That wait is bounded: store calls have
+    /// deadlines, and a handler waiting for room in the replies queue is released when the
+    /// queue closes (a kick, or a write that failed or timed out).
     async fn converse(&mut self) -> End {
         let link = &mut self.link;
         let heartbeat = self.ctx.settings.heartbeat();
