@@ -124,17 +124,29 @@ impl PostgresStore {
         .await
     }
 
-    async fn checkout(&self) -> Result<Checkout, StoreError> {
-        checkout(&self.pool).await
+    /// Runs `call` on a pooled connection under the store's deadline.
+    async fn with_connection<T>(
+        &self,
+        call: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        with_deadline(self.deadline, on_connection(&self.pool, call)).await
     }
 }
 
-async fn checkout(pool: &Pool) -> Result<Checkout, StoreError> {
-    let object = pool.get().await.map_err(pool_error)?;
-    Ok(Checkout {
-        object: Some(object),
+/// Checks a connection out, runs `call` on it, and returns it to the pool only if `call`
+/// finished: a call abandoned at its deadline leaves the connection to be discarded
+/// (`Checkout`).
+async fn on_connection<T>(
+    pool: &Pool,
+    call: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let client = Checkout {
+        object: Some(pool.get().await.map_err(pool_error)?),
         settled: false,
-    })
+    };
+    let result = call(&client).await;
+    client.settle();
+    result
 }
 
 /// Locks the rooms of a batch in name order, so that two transactions sharing rooms queue
@@ -179,13 +191,10 @@ const APPEND_BATCH: &str = "
 
 /// Commits one batch of the group-commit queue in one transaction, within `deadline`.
 async fn commit_batch(pool: Pool, deadline: Duration, batch: Arc<Vec<NewMessage>>) -> BatchOutcome {
-    let outcome = tokio::time::timeout(deadline, async {
-        let client = checkout(&pool).await?;
-        let result = write_batch(&client, &batch).await.map_err(pg_error);
-        client.settle();
-        result
-    })
-    .await;
+    let commit = on_connection(&pool, async |client| {
+        write_batch(client, &batch).await.map_err(pg_error)
+    });
+    let outcome = tokio::time::timeout(deadline, commit).await;
     outcome.unwrap_or_else(|_| {
         Err(StoreError::Unavailable(format!(
             "commit did not finish within {} ms",
@@ -231,13 +240,15 @@ async fn write_batch(
     let mut results: Vec<Result<Committed, StoreError>> =
         vec![Err(StoreError::NotFound("no such room")); batch.len()];
     for row in rows {
+        // `ord` counts from 1, in batch order.
         let ord: i64 = row.get(0);
-        let Some(m) = usize::try_from(ord - 1).ok().and_then(|i| batch.get(i)) else {
+        let Some(index) = usize::try_from(ord - 1).ok().filter(|&i| i < batch.len()) else {
             continue;
         };
+        let m = &batch[index];
         let seq: i64 = row.get(1);
         let stored_body: Option<String> = row.get(3);
-        results[(ord - 1) as usize] = Ok(Committed {
+        results[index] = Ok(Committed {
             message: chat_protocol::StoredMessage {
                 room: m.room.clone(),
                 seq: seq as u64,
@@ -314,119 +325,95 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
 #[async_trait]
 impl Store for PostgresStore {
     async fn create_user(&self, user: &Username, password_hash: &str) -> Result<(), StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let inserted = client
-                    .execute(
-                        "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
-                     ON CONFLICT (name) DO NOTHING",
-                        &[&user.as_str(), &password_hash, &now_ms()],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                if inserted == 0 {
-                    Err(StoreError::UsernameTaken)
-                } else {
-                    Ok(())
-                }
+        self.with_connection(async |client| {
+            let inserted = client
+                .execute(
+                    "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING",
+                    &[&user.as_str(), &password_hash, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if inserted == 0 {
+                Err(StoreError::UsernameTaken)
+            } else {
+                Ok(())
             }
-            .await;
-            client.settle();
-            result
         })
         .await
     }
 
     async fn password_hash(&self, user: &Username) -> Result<Option<String>, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let row = client
-                    .query_opt(
-                        "SELECT password_hash FROM users WHERE name = $1",
-                        &[&user.as_str()],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                Ok(row.map(|r| r.get(0)))
-            }
-            .await;
-            client.settle();
-            result
+        self.with_connection(async |client| {
+            let row = client
+                .query_opt(
+                    "SELECT password_hash FROM users WHERE name = $1",
+                    &[&user.as_str()],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get(0)))
         })
         .await
     }
 
     async fn ensure_room(&self, room: &RoomName) -> Result<u64, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let select = client
-                    .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                    .await
-                    .map_err(pg_error)?;
-                if let Some(row) = client
-                    .query_opt(&select, &[&room.as_str()])
-                    .await
-                    .map_err(pg_error)?
-                {
-                    return Ok(row.get::<_, i64>(0) as u64);
-                }
-                let (kind, a, b) = match (room.kind(), direct_members(room)) {
-                    (RoomKind::Direct, Some((a, b))) => {
-                        let row = client
-                            .query_one(
-                                "SELECT count(*) FROM users WHERE name = $1 OR name = $2",
-                                &[&a, &b],
-                            )
-                            .await
-                            .map_err(pg_error)?;
-                        if row.get::<_, i64>(0) != 2 {
-                            return Err(StoreError::NotFound("no such user for this direct room"));
-                        }
-                        ("direct", Some(a), Some(b))
-                    }
-                    _ => ("public", None, None),
-                };
-                client
-                    .execute(
-                        "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
-                        &[&room.as_str(), &kind, &a, &b, &now_ms()],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                let row = client
-                    .query_one(&select, &[&room.as_str()])
-                    .await
-                    .map_err(pg_error)?;
-                Ok(row.get::<_, i64>(0) as u64)
+        self.with_connection(async |client| {
+            let select = client
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                .await
+                .map_err(pg_error)?;
+            if let Some(row) = client
+                .query_opt(&select, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?
+            {
+                return Ok(row.get::<_, i64>(0) as u64);
             }
-            .await;
-            client.settle();
-            result
+            let (kind, a, b) = match (room.kind(), direct_members(room)) {
+                (RoomKind::Direct, Some((a, b))) => {
+                    let row = client
+                        .query_one(
+                            "SELECT count(*) FROM users WHERE name = $1 OR name = $2",
+                            &[&a, &b],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    if row.get::<_, i64>(0) != 2 {
+                        return Err(StoreError::NotFound("no such user for this direct room"));
+                    }
+                    ("direct", Some(a), Some(b))
+                }
+                _ => ("public", None, None),
+            };
+            client
+                .execute(
+                    "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                    &[&room.as_str(), &kind, &a, &b, &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_one(&select, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get::<_, i64>(0) as u64)
         })
         .await
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<Option<u64>, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let stmt = client
-                    .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                    .await
-                    .map_err(pg_error)?;
-                let row = client
-                    .query_opt(&stmt, &[&room.as_str()])
-                    .await
-                    .map_err(pg_error)?;
-                Ok(row.map(|r| r.get::<_, i64>(0) as u64))
-            }
-            .await;
-            client.settle();
-            result
+        self.with_connection(async |client| {
+            let stmt = client
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_opt(&stmt, &[&room.as_str()])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
         })
         .await
     }
@@ -441,34 +428,28 @@ impl Store for PostgresStore {
         after: u64,
         limit: u32,
     ) -> Result<Page, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let stmt = client
-                    .prepare_cached(
-                        "SELECT seq, sender, body, ts, client_id FROM messages
-                     WHERE room = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                let rows = client
-                    .query(
-                        &stmt,
-                        &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                let has_more = rows.len() > limit as usize;
-                let messages = rows
-                    .into_iter()
-                    .take(limit as usize)
-                    .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                    .collect::<Result<_, _>>()?;
-                Ok(Page { messages, has_more })
-            }
-            .await;
-            client.settle();
-            result
+        self.with_connection(async |client| {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT seq, sender, body, ts, client_id FROM messages
+                 WHERE room = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3",
+                )
+                .await
+                .map_err(pg_error)?;
+            let rows = client
+                .query(
+                    &stmt,
+                    &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
+                )
+                .await
+                .map_err(pg_error)?;
+            let has_more = rows.len() > limit as usize;
+            let messages = rows
+                .into_iter()
+                .take(limit as usize)
+                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect::<Result<_, _>>()?;
+            Ok(Page { messages, has_more })
         })
         .await
     }
@@ -479,65 +460,53 @@ impl Store for PostgresStore {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Page, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let stmt = client
-                    .prepare_cached(
-                        "SELECT seq, sender, body, ts, client_id FROM messages
-                     WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
-                let rows = client
-                    .query(&stmt, &[&room.as_str(), &before, &(i64::from(limit) + 1)])
-                    .await
-                    .map_err(pg_error)?;
-                let has_more = rows.len() > limit as usize;
-                let mut messages = rows
-                    .into_iter()
-                    .take(limit as usize)
-                    .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                messages.reverse();
-                Ok(Page { messages, has_more })
-            }
-            .await;
-            client.settle();
-            result
+        self.with_connection(async |client| {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT seq, sender, body, ts, client_id FROM messages
+                 WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                )
+                .await
+                .map_err(pg_error)?;
+            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+            let rows = client
+                .query(&stmt, &[&room.as_str(), &before, &(i64::from(limit) + 1)])
+                .await
+                .map_err(pg_error)?;
+            let has_more = rows.len() > limit as usize;
+            let mut messages = rows
+                .into_iter()
+                .take(limit as usize)
+                .map(|r| row_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect::<Result<Vec<_>, _>>()?;
+            messages.reverse();
+            Ok(Page { messages, has_more })
         })
         .await
     }
 
     async fn rooms_for(&self, user: &Username, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                let rows = client
-                    .query(
-                        "SELECT name, last_seq FROM rooms
-                     WHERE kind = 'public' OR dm_a = $1 OR dm_b = $1
-                     ORDER BY name LIMIT $2",
-                        &[&user.as_str(), &i64::from(limit)],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                rows.into_iter()
-                    .map(|r| {
-                        let name: String = r.get(0);
-                        Ok(RoomSummary {
-                            room: RoomName::parse(name).map_err(|_| {
-                                StoreError::Internal("stored room name is invalid".into())
-                            })?,
-                            last_seq: r.get::<_, i64>(1) as u64,
-                        })
+        self.with_connection(async |client| {
+            let rows = client
+                .query(
+                    "SELECT name, last_seq FROM rooms
+                 WHERE kind = 'public' OR dm_a = $1 OR dm_b = $1
+                 ORDER BY name LIMIT $2",
+                    &[&user.as_str(), &i64::from(limit)],
+                )
+                .await
+                .map_err(pg_error)?;
+            rows.into_iter()
+                .map(|r| {
+                    let name: String = r.get(0);
+                    Ok(RoomSummary {
+                        room: RoomName::parse(name).map_err(|_| {
+                            StoreError::Internal("stored room name is invalid".into())
+                        })?,
+                        last_seq: r.get::<_, i64>(1) as u64,
                     })
-                    .collect()
-            }
-            .await;
-            client.settle();
-            result
+                })
+                .collect()
         })
         .await
     }
@@ -551,15 +520,9 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        with_deadline(self.deadline, async {
-            let client = self.checkout().await?;
-            let result = async {
-                client.simple_query("SELECT 1").await.map_err(pg_error)?;
-                Ok(())
-            }
-            .await;
-            client.settle();
-            result
+        self.with_connection(async |client| {
+            client.simple_query("SELECT 1").await.map_err(pg_error)?;
+            Ok(())
         })
         .await
     }
