@@ -220,12 +220,20 @@ impl Shared {
                 <= allowed
     }
 
-    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
-        let mut conn = self.commands.clone();
-        match tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn)).await {
+    /// Waits for a Redis call up to the deadline.
+    async fn within_deadline<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BusError> {
+        match tokio::time::timeout(self.config.timeout, call).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(BusError::Unavailable("redis did not answer in time".into())),
         }
+    }
+
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
+        let mut conn = self.commands.clone();
+        self.within_deadline(cmd.query_async::<T>(&mut conn)).await
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -238,12 +246,8 @@ impl Shared {
             invocation.arg(*arg);
         }
         let mut conn = self.commands.clone();
-        match tokio::time::timeout(self.config.timeout, invocation.invoke_async::<T>(&mut conn))
+        self.within_deadline(invocation.invoke_async::<T>(&mut conn))
             .await
-        {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(BusError::Unavailable("redis did not answer in time".into())),
-        }
     }
 
     /// Sends queued room events as pipelines, in queue order, retrying a failed pipeline with
@@ -294,10 +298,8 @@ impl Shared {
             pipe.cmd("PUBLISH").arg(channel).arg(&event[..]).ignore();
         }
         let mut conn = self.commands.clone();
-        match tokio::time::timeout(self.config.timeout, pipe.query_async::<()>(&mut conn)).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(BusError::Unavailable("redis did not answer in time".into())),
-        }
+        self.within_deadline(pipe.query_async::<()>(&mut conn))
+            .await
     }
 
     /// Keeps one Pub/Sub connection subscribed to what `wanted` says, replacing it whenever it
