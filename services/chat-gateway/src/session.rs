@@ -517,6 +517,18 @@ mod tests {
         serde_json::from_str(text.as_str()).unwrap()
     }
 
+    impl Driven {
+        /// Handles one client frame and returns the first reply it queued.
+        async fn ask(&mut self, frame: &str) -> Value {
+            self.session.handle_text(frame).await.unwrap();
+            json_of(self.replies.recv().await.unwrap())
+        }
+
+        async fn next_fanout(&mut self) -> Value {
+            json_of(self.fanout.recv().await.unwrap())
+        }
+    }
+
     #[tokio::test]
     async fn join_send_and_receive_without_a_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -528,36 +540,24 @@ mod tests {
         let mut ann = session(&ctx, 1, "ann");
         let mut ben = session(&ctx, 2, "ben");
 
-        ann.session
-            .handle_text(r#"{"type":"join","room":"lab","ref":1}"#)
-            .await
-            .unwrap();
-        let joined = json_of(ann.replies.recv().await.unwrap());
+        let joined = ann.ask(r#"{"type":"join","room":"lab","ref":1}"#).await;
         assert_eq!(
             joined,
             json!({"ref":1,"type":"joined","room":"lab","last_seq":0,"online":["ann"]})
         );
-        ben.session
-            .handle_text(r#"{"type":"join","room":"lab"}"#)
-            .await
-            .unwrap();
-        ben.replies.recv().await.unwrap();
-        let presence: Value =
-            serde_json::from_str(ann.fanout.recv().await.unwrap().as_str()).unwrap();
+        ben.ask(r#"{"type":"join","room":"lab"}"#).await;
+        let presence = ann.next_fanout().await;
         assert_eq!(presence["user"], "ben");
 
-        ann.session
-            .handle_text(r#"{"type":"send","room":"lab","body":"hi","ref":"s"}"#)
-            .await
-            .unwrap();
-        let sent = json_of(ann.replies.recv().await.unwrap());
+        let sent = ann
+            .ask(r#"{"type":"send","room":"lab","body":"hi","ref":"s"}"#)
+            .await;
         assert_eq!(
             (sent["type"].clone(), sent["seq"].clone()),
             (json!("sent"), json!(1))
         );
         for driven in [&mut ann, &mut ben] {
-            let message: Value =
-                serde_json::from_str(driven.fanout.recv().await.unwrap().as_str()).unwrap();
+            let message = driven.next_fanout().await;
             assert_eq!(
                 (message["seq"].clone(), message["body"].clone()),
                 (json!(1), json!("hi"))
@@ -565,11 +565,7 @@ mod tests {
         }
 
         // A frame for a room it is not in: an error, and the session carries on.
-        ben.session
-            .handle_text(r#"{"type":"typing","room":"other","ref":2}"#)
-            .await
-            .unwrap();
-        let error = json_of(ben.replies.recv().await.unwrap());
+        let error = ben.ask(r#"{"type":"typing","room":"other","ref":2}"#).await;
         assert_eq!(
             (error["code"].clone(), error["ref"].clone()),
             (json!("not_joined"), json!(2))

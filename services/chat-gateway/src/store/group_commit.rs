@@ -248,10 +248,9 @@ mod tests {
         panic!("condition never held");
     }
 
-    fn spawn_appends(
-        queue: &CommitQueue,
-        messages: Vec<NewMessage>,
-    ) -> Vec<tokio::task::JoinHandle<Result<Committed, StoreError>>> {
+    type Appending = tokio::task::JoinHandle<Result<Committed, StoreError>>;
+
+    fn spawn_appends(queue: &CommitQueue, messages: Vec<NewMessage>) -> Vec<Appending> {
         messages
             .into_iter()
             .map(|m| {
@@ -261,6 +260,22 @@ mod tests {
             .collect()
     }
 
+    /// Starts one append and waits until its commit is held at the recorder's gate, then starts
+    /// `messages` and waits until as many as fit have entered the queue behind it. Returns the
+    /// held append and the others.
+    async fn behind_a_held_commit(
+        recorder: &Recorder,
+        queue: &CommitQueue,
+        messages: Vec<NewMessage>,
+    ) -> (Appending, Vec<Appending>) {
+        let held = spawn_appends(queue, vec![message("lobby", "hold", None)]).remove(0);
+        until(|| recorder.batches().len() == 1).await;
+        let room_left = queue.queue.max_capacity().saturating_sub(messages.len());
+        let queued = spawn_appends(queue, messages);
+        until(|| queue.queue.capacity() == room_left).await;
+        (held, queued)
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn appends_gather_while_a_commit_is_in_flight_up_to_the_batch_limit() {
         let recorder = Recorder::new();
@@ -268,19 +283,18 @@ mod tests {
             max_batch: 3,
             in_flight: 1,
         });
-        let first = spawn_appends(&queue, vec![message("lobby", "m0", None)]);
-        until(|| recorder.batches().len() == 1).await;
-        let rest = spawn_appends(
+        // The queue holds max_batch * in_flight = 3; the other four callers wait to enter it.
+        let (held, rest) = behind_a_held_commit(
+            &recorder,
             &queue,
             (1..8)
                 .map(|i| message("lobby", &format!("m{i}"), None))
                 .collect(),
-        );
-        // The queue holds max_batch * in_flight = 3; the other four callers wait to enter it.
-        until(|| queue.queue.capacity() == 0).await;
+        )
+        .await;
         recorder.gate.add_permits(100);
         let mut seqs = Vec::new();
-        for handle in first.into_iter().chain(rest) {
+        for handle in std::iter::once(held).chain(rest) {
             seqs.push(handle.await.unwrap().unwrap().message.seq);
         }
         seqs.sort_unstable();
@@ -305,19 +319,18 @@ mod tests {
             max_batch: 10,
             in_flight: 1,
         });
-        let first = spawn_appends(&queue, vec![message("lobby", "hold", None)]);
-        until(|| recorder.batches().len() == 1).await;
-        let same = spawn_appends(
+        let (held, same) = behind_a_held_commit(
+            &recorder,
             &queue,
             vec![
                 message("lobby", "hi", Some("c1")),
                 message("lobby", "hi", Some("c1")),
                 message("other", "hi", Some("c1")),
             ],
-        );
-        until(|| queue.queue.capacity() == 7).await;
+        )
+        .await;
         recorder.gate.add_permits(2);
-        first.into_iter().next().unwrap().await.unwrap().unwrap();
+        held.await.unwrap().unwrap();
         let results: Vec<Committed> = futures_util::future::join_all(same)
             .await
             .into_iter()
@@ -336,19 +349,18 @@ mod tests {
             max_batch: 10,
             in_flight: 1,
         });
-        let first = spawn_appends(&queue, vec![message("lobby", "hold", None)]);
-        until(|| recorder.batches().len() == 1).await;
-        let batch = spawn_appends(
+        let (held, batch) = behind_a_held_commit(
+            &recorder,
             &queue,
             vec![
                 message("lobby", "a", None),
                 message("lobby", "poison", None),
                 message("lobby", "b", None),
             ],
-        );
-        until(|| queue.queue.capacity() == 7).await;
+        )
+        .await;
         recorder.gate.add_permits(100);
-        first.into_iter().next().unwrap().await.unwrap().unwrap();
+        held.await.unwrap().unwrap();
         let results: Vec<_> = futures_util::future::join_all(batch)
             .await
             .into_iter()

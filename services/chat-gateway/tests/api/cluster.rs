@@ -12,13 +12,8 @@ fn services() -> Services {
 async fn users_on_different_gateways_chat() {
     let s = services();
     let (g1, g2) = (s.gateway().await, s.gateway().await);
-    let (alice, ta) = register(g1.port, "alice").await;
-    let (bob, tb) = register(g2.port, "bob").await;
-    let room = unique("x");
-    let mut a = Client::connect(g1.port, &alice, &ta).await;
-    let mut b = Client::connect(g2.port, &bob, &tb).await;
-    a.join(&room).await;
-    b.join(&room).await;
+    let (mut a, mut b, room) = pair_in_room(g1.port, g2.port, "x").await;
+    let bob = b.user.clone();
     let presence = a.recv_type("presence").await;
     assert_eq!(presence["user"], json!(bob), "presence crosses gateways");
     for i in 1..=20u64 {
@@ -109,13 +104,7 @@ async fn every_acked_message_arrives_in_order_across_a_redis_restart() {
     settings.publish_queue = 1;
     let g1 = Gateway::start(settings).await;
     let g2 = s.gateway().await;
-    let (alice, ta) = register(g1.port, "alice").await;
-    let (bob, tb) = register(g1.port, "bob").await;
-    let room = unique("redis");
-    let mut a = Client::connect(g1.port, &alice, &ta).await;
-    let mut b = Client::connect(g2.port, &bob, &tb).await;
-    a.join(&room).await;
-    b.join(&room).await;
+    let (mut a, mut b, room) = pair_in_room(g1.port, g2.port, "redis").await;
     let mut acked = Vec::new();
     for i in 0..30 {
         if i == 10 {
@@ -238,20 +227,14 @@ async fn a_silently_dead_subscription_is_detected_and_repaired() {
     settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
     let a_gw = Gateway::start(settings).await;
     let b_gw = s.gateway().await;
-    let (alice, ta) = register(b_gw.port, "alice").await;
-    let (bob, tb) = register(a_gw.port, "bob").await;
-    let room = unique("silent");
-    let mut bob_on_a = Client::connect(a_gw.port, &bob, &tb).await;
-    let mut alice_on_b = Client::connect(b_gw.port, &alice, &ta).await;
-    bob_on_a.join(&room).await;
-    alice_on_b.join(&room).await;
-    assert_eq!(alice_on_b.say(&room, "before").await, 1);
-    assert_eq!(bob_on_a.next_message().await["seq"], 1);
+    let (mut on_a, mut on_b, room) = pair_in_room(a_gw.port, b_gw.port, "silent").await;
+    assert_eq!(on_b.say(&room, "before").await, 1);
+    assert_eq!(on_a.next_message().await["seq"], 1);
 
     // A's Redis connections go silent: nothing closes, nothing arrives.
     proxy.freeze_existing();
     for i in 2..=6 {
-        assert_eq!(alice_on_b.say(&room, &format!("during {i}")).await, i);
+        assert_eq!(on_b.say(&room, &format!("during {i}")).await, i);
     }
     // A notices through its missing self-probe: not ready until its subscription is healthy...
     let started = Instant::now();
@@ -269,9 +252,9 @@ async fn a_silently_dead_subscription_is_detected_and_repaired() {
     assert!(saw_not_ready, "readyz stayed 200 with a dead subscription");
     assert!(ready_again, "gateway A did not recover");
     // ...and then fills what it missed from the store, in order.
-    assert_eq!(message_seqs(&mut bob_on_a, 5).await, vec![2, 3, 4, 5, 6]);
-    alice_on_b.say(&room, "after").await;
-    assert_eq!(bob_on_a.next_message().await["seq"], 7);
+    assert_eq!(message_seqs(&mut on_a, 5).await, vec![2, 3, 4, 5, 6]);
+    on_b.say(&room, "after").await;
+    assert_eq!(on_a.next_message().await["seq"], 7);
     a_gw.stop().await;
     b_gw.stop().await;
 }

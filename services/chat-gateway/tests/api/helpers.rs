@@ -249,6 +249,19 @@ pub async fn register(port: u16, prefix: &str) -> (String, String) {
     (name, body["token"].as_str().unwrap().to_string())
 }
 
+/// Two fresh users, the first connected to `port_a` and the second to `port_b`, both joined to a
+/// fresh room (the first joins first); returns (first, second, room).
+pub async fn pair_in_room(port_a: u16, port_b: u16, prefix: &str) -> (Client, Client, String) {
+    let (alice, ta) = register(port_a, "alice").await;
+    let (bob, tb) = register(port_b, "bob").await;
+    let room = unique(prefix);
+    let mut a = Client::connect(port_a, &alice, &ta).await;
+    let mut b = Client::connect(port_b, &bob, &tb).await;
+    a.join(&room).await;
+    b.join(&room).await;
+    (a, b, room)
+}
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A protocol v1 client.
@@ -271,30 +284,34 @@ pub async fn raw_ws(port: u16) -> Ws {
 }
 
 impl Client {
-    /// Connects and completes the hello handshake.
-    /// Connects and completes the hello handshake; returns the client and its gateway's id.
-    pub async fn connect_via(port: u16, user: &str, token: &str) -> (Client, String) {
-        let mut client = Client {
-            ws: raw_ws(port).await,
+    fn over(ws: Ws, user: &str) -> Client {
+        Client {
+            ws,
             user: user.to_string(),
             stash: Default::default(),
-        };
-        client.send(json!({"type": "hello", "token": token})).await;
-        let welcome = client.recv().await;
+        }
+    }
+
+    /// Sends hello and returns the welcome.
+    async fn hello(&mut self, token: &str) -> Value {
+        self.send(json!({"type": "hello", "token": token})).await;
+        let welcome = self.recv().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
+        welcome
+    }
+
+    /// Connects and completes the hello handshake; returns the client and its gateway's id.
+    pub async fn connect_via(port: u16, user: &str, token: &str) -> (Client, String) {
+        let mut client = Client::over(raw_ws(port).await, user);
+        let welcome = client.hello(token).await;
         let gateway = welcome["gateway"].as_str().unwrap().to_string();
         (client, gateway)
     }
 
+    /// Connects and completes the hello handshake.
     pub async fn connect(port: u16, user: &str, token: &str) -> Client {
-        let mut client = Client {
-            ws: raw_ws(port).await,
-            user: user.to_string(),
-            stash: Default::default(),
-        };
-        client.send(json!({"type": "hello", "token": token})).await;
-        let welcome = client.recv().await;
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        let mut client = Client::over(raw_ws(port).await, user);
+        let welcome = client.hello(token).await;
         assert_eq!(welcome["user"], user);
         client
     }
@@ -314,23 +331,14 @@ impl Client {
         )
         .await
         .expect("websocket connects");
-        let mut client = Client {
-            ws,
-            user: user.to_string(),
-            stash: Default::default(),
-        };
-        client.send(json!({"type": "hello", "token": token})).await;
-        assert_eq!(client.recv().await["type"], "welcome");
+        let mut client = Client::over(ws, user);
+        client.hello(token).await;
         client
     }
 
     /// Connects without a hello.
     pub async fn connect_raw(port: u16) -> Client {
-        Client {
-            ws: raw_ws(port).await,
-            user: "(raw)".into(),
-            stash: Default::default(),
-        }
+        Client::over(raw_ws(port).await, "(raw)")
     }
 
     /// Waits until the connection ends however it ends (a crashed gateway sends no close).
