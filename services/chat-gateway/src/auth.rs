@@ -179,7 +179,7 @@ impl Auth {
     }
 
     pub fn issue(&self, user: &Username) -> String {
-        let now = now_secs();
+        let now = crate::clock::unix_secs();
         let claims = Claims {
             sub: user.to_string(),
             iat: now,
@@ -240,13 +240,6 @@ impl Auth {
             Err(AuthError::BadCredentials)
         }
     }
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! from its small ring of recent frames, or asks for more backlog when the ring does not reach
 //! back that far.
 
-use crate::bus::{self, Bus, BusEvent, BusListener, decode};
+use crate::bus::{Bus, BusEvent, BusListener, decode};
+use crate::clock;
 use crate::queue;
 use crate::store::Store;
 use axum::extract::ws::Utf8Bytes;
@@ -562,7 +563,7 @@ impl RoomTask {
         });
         metrics::counter!("chat_messages_delivered_total").increment(delivered);
         // Once per message per gateway: commit -> queued to every local socket.
-        let latency_us = bus::now_us().saturating_sub(committed_us);
+        let latency_us = clock::unix_us().saturating_sub(committed_us);
         metrics::histogram!("chat_fanout_latency_seconds").record(latency_us as f64 / 1e6);
         if self.ring.len() == RING {
             self.ring.pop_front();

@@ -6,6 +6,7 @@
 //! `fanout` carries room events (never waited on: a client that cannot keep up is kicked).
 
 use crate::bus;
+use crate::clock;
 use crate::context::SharedContext;
 use crate::error::Failure;
 use crate::hub::{Attach, Outbox, RoomRef, encode_message};
@@ -375,7 +376,7 @@ impl Session {
         }
         metrics::counter!("chat_messages_committed_total").increment(1);
         let frame = encode_message(&message);
-        let committed_us = bus::now_us();
+        let committed_us = clock::unix_us();
         let event =
             bus::encode_message(message.seq, &self.ctx.gateway, committed_us, frame.as_str());
         self.ctx

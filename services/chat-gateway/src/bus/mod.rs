@@ -101,15 +101,6 @@ pub fn encode_presence(frame: &str) -> Bytes {
     Bytes::from(format!("p\n{frame}"))
 }
 
-/// Microseconds since the Unix epoch (wall clock: comparable across gateways on one host,
-/// and across hosts as far as their clocks agree).
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// Reads an event; `None` for anything this version does not understand.
 pub fn decode(event: &Bytes) -> Option<BusEvent<'_>> {
     let newline = event.iter().position(|b| *b == b'\n')?;

@@ -108,14 +108,6 @@ pub(crate) async fn with_deadline<T>(
     outcome
 }
 
-/// Milliseconds since the Unix epoch, the unit of `ts`.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Parses names read back from the database; a row that fails was not written by us.
 pub(crate) fn row_message(
     room: &RoomName,

@@ -7,9 +7,9 @@
 use super::group_commit::{BatchOutcome, CommitLimits, CommitQueue};
 use super::migrations::MIGRATIONS;
 use super::{
-    Committed, NewMessage, Page, Store, StoreError, direct_members, now_ms, row_message,
-    with_deadline,
+    Committed, NewMessage, Page, Store, StoreError, direct_members, row_message, with_deadline,
 };
+use crate::clock::unix_ms;
 use async_trait::async_trait;
 use chat_protocol::api::RoomSummary;
 use chat_protocol::{RoomKind, RoomName, Username};
@@ -105,7 +105,7 @@ impl PostgresStore {
                     tx.batch_execute(sql).await.map_err(pg_error)?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                        &[version, &now_ms()],
+                        &[version, &unix_ms()],
                     )
                     .await
                     .map_err(pg_error)?;
@@ -330,7 +330,7 @@ impl Store for PostgresStore {
                 .execute(
                     "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO NOTHING",
-                    &[&user.as_str(), &password_hash, &now_ms()],
+                    &[&user.as_str(), &password_hash, &unix_ms()],
                 )
                 .await
                 .map_err(pg_error)?;
@@ -390,7 +390,7 @@ impl Store for PostgresStore {
                 .execute(
                     "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
-                    &[&room.as_str(), &kind, &a, &b, &now_ms()],
+                    &[&room.as_str(), &kind, &a, &b, &unix_ms()],
                 )
                 .await
                 .map_err(pg_error)?;

@@ -6,9 +6,9 @@
 
 use super::migrations::MIGRATIONS;
 use super::{
-    Committed, NewMessage, Page, Store, StoreError, direct_members, now_ms, row_message,
-    with_deadline,
+    Committed, NewMessage, Page, Store, StoreError, direct_members, row_message, with_deadline,
 };
+use crate::clock::unix_ms;
 use async_trait::async_trait;
 use chat_protocol::api::RoomSummary;
 use chat_protocol::{RoomKind, RoomName, StoredMessage, Username};
@@ -73,7 +73,7 @@ impl SqliteStore {
             tx.execute_batch(sql).map_err(db_error)?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
-                params![version, now_ms()],
+                params![version, unix_ms()],
             )
             .map_err(db_error)?;
             tx.commit().map_err(db_error)?;
@@ -134,7 +134,7 @@ impl Store for SqliteStore {
                 .execute(
                     "INSERT INTO users (name, password_hash, created_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT (name) DO NOTHING",
-                    params![user, hash, now_ms()],
+                    params![user, hash, unix_ms()],
                 )
                 .map_err(db_error)?;
             if n == 0 {
@@ -193,7 +193,7 @@ impl Store for SqliteStore {
             c.execute(
                 "INSERT INTO rooms (name, kind, dm_a, dm_b, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (name) DO NOTHING",
-                params![room.as_str(), kind, a, b, now_ms()],
+                params![room.as_str(), kind, a, b, unix_ms()],
             )
             .map_err(db_error)?;
             Ok(0)
@@ -254,7 +254,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(db_error)?;
             let seq = seq.ok_or(StoreError::NotFound("no such room"))?;
-            let ts = now_ms();
+            let ts = unix_ms();
             tx.execute(
                 "INSERT INTO messages (room, seq, sender, body, ts, client_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
