@@ -109,7 +109,7 @@ pub struct Settings {
 
     /// Postgres transactions committing messages at once, each on a pooled connection; must be
     /// smaller than CHAT_DB_POOL_SIZE so that history reads always find a connection.
-    #[arg(long, env = "CHAT_DB_COMMITS_IN_FLIGHT", default_value_t = 4)]
+    #[arg(long, env = "CHAT_DB_COMMITS_IN_FLIGHT", default_value_t = 2)]
     pub db_commits_in_flight: usize,
 
     /// Room events queued for Redis on this replica (sent as pipelines by one task). When it is

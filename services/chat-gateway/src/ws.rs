@@ -250,6 +250,10 @@ impl Connection {
         tokio::pin!(deadline);
         let mut handling: Option<Handling> = None;
         let mut end: Option<End> = None;
+        // Made once: a fresh one per turn would lock the token and join its waiter list on
+        // every frame written.
+        let drain = self.slot.close.cancelled();
+        tokio::pin!(drain);
         loop {
             if let Some(end) = end
                 && handling.is_none()
@@ -259,7 +263,7 @@ impl Connection {
             let reading = end.is_none() && handling.is_none();
             tokio::select! {
                 biased;
-                _ = self.slot.close.cancelled(), if end.is_none() => end = Some(End::Drain),
+                _ = &mut drain, if end.is_none() => end = Some(End::Drain),
                 _ = ticker.tick(), if end.is_none() => {
                     if last_seen.elapsed() > heartbeat * 5 / 2 {
                         end = Some(End::HeartbeatTimeout);

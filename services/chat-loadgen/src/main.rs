@@ -92,6 +92,9 @@ pub struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Worker threads of the load generator [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -210,9 +213,11 @@ impl Ctx {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let plan = Plan::from(&cli)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
     let outcome = runtime.block_on(run(cli.clone(), plan))?;
     report::print(&outcome, cli.json);
     if let Some(path) = &cli.plot {
@@ -334,9 +339,10 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
 
     // Publishers.
     let mut publishers = Vec::new();
+    let epoch = Instant::now();
     for p in 0..plan.publishers {
         let token = tokens[p % tokens.len()].clone();
-        publishers.push(tokio::spawn(publish(ctx.clone(), p, token)));
+        publishers.push(tokio::spawn(publish(ctx.clone(), p, token, epoch)));
     }
     let publish_started = Instant::now();
     let mut steps = Vec::new();
@@ -647,10 +653,13 @@ fn on_message(ctx: &Ctx, frame: &client::Incoming<'_>, recorder: &mut Receiver) 
 }
 
 async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiver) -> Ended {
+    // Made once: every receiver shares `stop`, and a fresh wait per frame would take its lock.
+    let stop = ctx.stop.cancelled();
+    tokio::pin!(stop);
     loop {
         let next = tokio::select! {
             next = ws.next() => next,
-            _ = ctx.stop.cancelled() => return Ended::Stopped,
+            _ = &mut stop => return Ended::Stopped,
         };
         let text = match next {
             Some(Ok(Message::Text(text))) => text,
@@ -666,7 +675,15 @@ async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiv
 }
 
 /// Publishes to its room at its share of the current rate; also receives the room.
-async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histogram<u64>) {
+/// Publishers take turns on one schedule: publisher `index` of P sends at `epoch + (index + k·P) /
+/// rate`, so the total rate arrives evenly spread. (Each on its own clock, they would start
+/// together and send in step: bursts of P messages, which measures the burst, not the rate.)
+async fn publish(
+    ctx: Arc<Ctx>,
+    index: usize,
+    token: String,
+    epoch: Instant,
+) -> (Receiver, Histogram<u64>) {
     let room_index = index % ctx.plan.rooms;
     let room = ctx.room(index);
     let mut recorder = Receiver::new(false);
@@ -700,12 +717,11 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
                     .ok()
                     .and_then(|p| p.get(&n).map(|(_, frame)| frame.clone()))
             };
-            let mut next = tokio::time::Instant::now();
+            let publishers = ctx.plan.publishers.max(1);
+            let rate = || (ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0).max(1e-3);
+            let mut next = first_turn(epoch, index, publishers, rate(), Instant::now());
             let mut n = 0u64;
             loop {
-                let rate = ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-                let share = rate / ctx.plan.publishers.max(1) as f64;
-                next += Duration::from_secs_f64(1.0 / share.max(1e-3));
                 // A send the gateway could not confirm (unavailable) is sent again with the
                 // same client_id, as a real client would: it is stored at most once. After
                 // publishing stops, only resends go out.
@@ -716,7 +732,8 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
                         Some(frame) => frame,
                         None => continue,
                     },
-                    _ = tokio::time::sleep_until(next), if !ctx.stop_publishing.is_cancelled() => {
+                    _ = tokio::time::sleep_until(next.into()), if !ctx.stop_publishing.is_cancelled() => {
+                        next += turn_interval(publishers, rate());
                         n += 1;
                         let head = format!("t{} p{index} n{n} ", client::now_us());
                         let body = format!(
@@ -749,10 +766,12 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
         room: room_index,
     };
     // The reader: rebuild a stream-only loop over the split half.
+    let stop = ctx.stop.cancelled();
+    tokio::pin!(stop);
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
-            _ = ctx.stop.cancelled() => break,
+            _ = &mut stop => break,
         };
         let text = match next {
             Some(Ok(Message::Text(text))) => text,
@@ -764,6 +783,21 @@ async fn publish(ctx: Arc<Ctx>, index: usize, token: String) -> (Receiver, Histo
     writer.abort();
     ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
     (recorder, acks.latency)
+}
+
+/// Time between one publisher's turns when `publishers` share `rate` messages per second.
+fn turn_interval(publishers: usize, rate: f64) -> Duration {
+    Duration::from_secs_f64(publishers as f64 / rate)
+}
+
+/// Publisher `index`'s first turn at or after `now`: its slot `epoch + index / rate`, moved on
+/// by whole intervals past the turns that went by while it connected.
+fn first_turn(epoch: Instant, index: usize, publishers: usize, rate: f64, now: Instant) -> Instant {
+    let mut turn = epoch + Duration::from_secs_f64(index as f64 / rate);
+    while turn < now {
+        turn += turn_interval(publishers, rate);
+    }
+    turn
 }
 
 fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: &mut Acks) {
@@ -802,5 +836,28 @@ fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: 
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishers_take_evenly_spread_turns() {
+        let epoch = Instant::now();
+        // 4 publishers sharing 200 msg/s: one message every 5 ms, each publisher every 20 ms.
+        let turns: Vec<Duration> = (0..4)
+            .map(|p| first_turn(epoch, p, 4, 200.0, epoch) - epoch)
+            .collect();
+        let ms = |t: Duration| (t.as_secs_f64() * 1000.0).round() as u64;
+        assert_eq!(
+            turns.iter().map(|&t| ms(t)).collect::<Vec<_>>(),
+            [0, 5, 10, 15]
+        );
+        // Publisher 1 connected 47 ms late: it keeps its slot (5 ms past each 20 ms).
+        let late = first_turn(epoch, 1, 4, 200.0, epoch + Duration::from_millis(47));
+        assert_eq!(ms(late - epoch), 65);
+        assert_eq!(ms(turn_interval(4, 200.0)), 20);
     }
 }
