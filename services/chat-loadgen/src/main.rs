@@ -673,116 +673,197 @@ async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiv
         }
     }
 }
-
 /// Publishes to its room at its share of the current rate; also receives the room.
-/// Publishers take turns on one schedule: publisher `index` of P sends at `epoch + (index + k·P) /
-/// rate`, so the total rate arrives evenly spread. (Each on its own clock, they would start
-/// together and send in step: bursts of P messages, which measures the burst, not the rate.)
+/// Publishes to its room at its share of the current rate; also receives the room. When the
+/// connection drops it reconnects like a receiver, resumes the room with `since`, and sends again
+/// what was not answered (same client_id: the gateway stores each message at most once).
 async fn publish(
     ctx: Arc<Ctx>,
     index: usize,
     token: String,
     epoch: Instant,
 ) -> (Receiver, Histogram<u64>) {
-    let room_index = index % ctx.plan.rooms;
     let room = ctx.room(index);
     let mut recorder = Receiver::new(false);
-    let Ok(ws) = connect_and_join(
-        &ctx,
-        ctx.plan.clients + index,
-        &token,
-        &room,
-        &mut recorder,
-        true,
-    )
-    .await
-    else {
-        ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
-        return (recorder, stats::histogram());
-    };
-    ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
-    ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
-    let (mut sink, mut stream) = ws.split();
     let pending: Pending = Arc::default();
-    let (retry_tx, mut retry_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let writer = {
-        let ctx = ctx.clone();
-        let room = room.clone();
-        let pending = pending.clone();
-        tokio::spawn(async move {
-            let padding = "x".repeat(ctx.plan.body_bytes);
-            let resend = |n: u64| {
-                pending
-                    .lock()
-                    .ok()
-                    .and_then(|p| p.get(&n).map(|(_, frame)| frame.clone()))
-            };
-            let publishers = ctx.plan.publishers.max(1);
-            let rate = || (ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0).max(1e-3);
-            let mut next = first_turn(epoch, index, publishers, rate(), Instant::now());
-            let mut n = 0u64;
-            loop {
-                // A send the gateway could not confirm (unavailable) is sent again with the
-                // same client_id, as a real client would: it is stored at most once. After
-                // publishing stops, only resends go out.
-                let frame = tokio::select! {
-                    biased;
-                    _ = ctx.stop.cancelled() => return,
-                    Some(again) = retry_rx.recv() => match resend(again) {
-                        Some(frame) => frame,
-                        None => continue,
-                    },
-                    _ = tokio::time::sleep_until(next.into()), if !ctx.stop_publishing.is_cancelled() => {
-                        next += turn_interval(publishers, rate());
-                        n += 1;
-                        let head = format!("t{} p{index} n{n} ", client::now_us());
-                        let body = format!(
-                            "{head}{}",
-                            &padding[..ctx.plan.body_bytes.saturating_sub(head.len())]
-                        );
-                        let client_id = format!("{}-{index}-{n}", ctx.run_id);
-                        let frame = serde_json::json!({
-                            "type": "send", "room": room, "body": body, "ref": n, "client_id": client_id
-                        })
-                        .to_string();
-                        if let Ok(mut pending) = pending.lock() {
-                            pending.insert(n, (Instant::now(), frame.clone()));
-                        }
-                        ctx.shared.sent.fetch_add(1, Ordering::Relaxed);
-                        frame
-                    }
-                    _ = ctx.stop_publishing.cancelled(), if !ctx.stop_publishing.is_cancelled() => continue,
-                };
-                if sink.send(Message::text(frame)).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
+    let (retry_tx, retry_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let mut retry_rx = Some(retry_rx);
+    let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut acks = Acks {
-        pending,
+        pending: pending.clone(),
         retry: retry_tx,
         latency: stats::histogram(),
-        room: room_index,
+        room: index % ctx.plan.rooms,
     };
-    // The reader: rebuild a stream-only loop over the split half.
+    let mut schedule = None;
+    let mut first = true;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = connect_and_join(
+            &ctx,
+            ctx.plan.clients + index,
+            &token,
+            &room,
+            &mut recorder,
+            first,
+        )
+        .await;
+        let ws = match connected {
+            Ok(ws) => ws,
+            Err(_) if first => {
+                ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Err(_) => {
+                let jitter =
+                    Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = ctx.stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if first {
+            ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ctx.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        backoff = Duration::from_millis(100);
+        ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
+        // Frames queued while disconnected are all in `pending`: send that instead, in order.
+        while frames.try_recv().is_ok() {}
+        let mut unanswered: Vec<(u64, String)> = pending
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|(n, (_, frame))| (*n, frame.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        unanswered.sort_unstable_by_key(|(n, _)| *n);
+        if let Some(retry_rx) = retry_rx.take() {
+            schedule = Some(tokio::spawn(publish_on_schedule(
+                ctx.clone(),
+                index,
+                epoch,
+                pending.clone(),
+                retry_rx,
+                frames_tx.clone(),
+            )));
+        }
+        let ended =
+            publisher_link(&ctx, ws, &mut frames, unanswered, &mut recorder, &mut acks).await;
+        ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
+        if ended == Ended::Stopped || !ctx.plan.reconnect {
+            break;
+        }
+    }
+    if let Some(schedule) = schedule {
+        schedule.abort();
+    }
+    (recorder, acks.latency)
+}
+
+/// Makes this publisher's frames on its turns (publishers take turns on one schedule:
+/// publisher `index` of P sends at `epoch + (index + k·P) / rate`, so the total rate arrives
+/// evenly spread; each on its own clock, they would start together and send in step, bursts of
+/// P messages that measure the burst, not the rate), and frames to send again.
+async fn publish_on_schedule(
+    ctx: Arc<Ctx>,
+    index: usize,
+    epoch: Instant,
+    pending: Pending,
+    mut retry: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    frames: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let room = ctx.room(index);
+    let padding = "x".repeat(ctx.plan.body_bytes);
+    let resend = |n: u64| {
+        pending
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&n).map(|(_, frame)| frame.clone()))
+    };
+    let publishers = ctx.plan.publishers.max(1);
+    let rate = || (ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0).max(1e-3);
+    let mut next = first_turn(epoch, index, publishers, rate(), Instant::now());
+    let mut n = 0u64;
+    loop {
+        // A send the gateway could not confirm (unavailable) is sent again with the same
+        // client_id, as a real client would: it is stored at most once. After publishing
+        // stops, only resends go out.
+        let frame = tokio::select! {
+            biased;
+            _ = ctx.stop.cancelled() => return,
+            Some(again) = retry.recv() => match resend(again) {
+                Some(frame) => frame,
+                None => continue,
+            },
+            _ = tokio::time::sleep_until(next.into()), if !ctx.stop_publishing.is_cancelled() => {
+                next += turn_interval(publishers, rate());
+                n += 1;
+                let head = format!("t{} p{index} n{n} ", client::now_us());
+                let body = format!(
+                    "{head}{}",
+                    &padding[..ctx.plan.body_bytes.saturating_sub(head.len())]
+                );
+                let client_id = format!("{}-{index}-{n}", ctx.run_id);
+                let frame = serde_json::json!({
+                    "type": "send", "room": room, "body": body, "ref": n, "client_id": client_id
+                })
+                .to_string();
+                if let Ok(mut pending) = pending.lock() {
+                    pending.insert(n, (Instant::now(), frame.clone()));
+                }
+                ctx.shared.sent.fetch_add(1, Ordering::Relaxed);
+                frame
+            }
+            _ = ctx.stop_publishing.cancelled(), if !ctx.stop_publishing.is_cancelled() => continue,
+        };
+        if frames.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+/// One connection of a publisher: sends `unanswered` again, then the schedule's frames, and
+/// reads acks and its room's messages until the socket drops or the run stops.
+async fn publisher_link(
+    ctx: &Ctx,
+    mut ws: client::Ws,
+    frames: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    unanswered: Vec<(u64, String)>,
+    recorder: &mut Receiver,
+    acks: &mut Acks,
+) -> Ended {
+    for (_, frame) in unanswered {
+        if ws.send(Message::text(frame)).await.is_err() {
+            return Ended::Dropped;
+        }
+    }
     let stop = ctx.stop.cancelled();
     tokio::pin!(stop);
     loop {
-        let next = tokio::select! {
-            next = stream.next() => next,
-            _ = &mut stop => break,
-        };
-        let text = match next {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(_)) => continue,
-            _ => break,
-        };
-        handle_publisher_frame(&ctx, &text, &mut recorder, &mut acks);
+        tokio::select! {
+            _ = &mut stop => {
+                let _ = ws.close(None).await;
+                return Ended::Stopped;
+            }
+            Some(frame) = frames.recv() => {
+                if ws.send(Message::text(frame)).await.is_err() {
+                    return Ended::Dropped;
+                }
+            }
+            next = ws.next() => match next {
+                Some(Ok(Message::Text(text))) => handle_publisher_frame(ctx, &text, recorder, acks),
+                Some(Ok(_)) => {}
+                _ => return Ended::Dropped,
+            },
+        }
     }
-    writer.abort();
-    ctx.shared.connected.fetch_sub(1, Ordering::Relaxed);
-    (recorder, acks.latency)
 }
 
 /// Time between one publisher's turns when `publishers` share `rate` messages per second.
