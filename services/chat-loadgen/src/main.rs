@@ -673,7 +673,7 @@ async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiv
         }
     }
 }
-/// Publishes to its room at its share of the current rate; also receives the room.
+
 /// Publishes to its room at its share of the current rate; also receives the room. When the
 /// connection drops it reconnects like a receiver, resumes the room with `since`, and sends again
 /// what was not answered (same client_id: the gateway stores each message at most once).
