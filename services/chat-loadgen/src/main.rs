@@ -560,34 +560,11 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> R
     let room = ctx.room(index);
     let mut recorder = Receiver::new(sampled);
     let mut first = true;
-    let mut backoff = Duration::from_millis(100);
     loop {
-        let mut ws = match connect_and_join(&ctx, index, &token, &room, &mut recorder, first).await
-        {
-            Ok(ws) => ws,
-            Err(_) if first => {
-                ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
-                return recorder;
-            }
-            Err(_) => {
-                let jitter =
-                    Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                    _ = ctx.stop.cancelled() => return recorder,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
+        let Some(mut ws) = connect(&ctx, index, &token, &room, &mut recorder, first).await else {
+            return recorder;
         };
-        if first {
-            ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
-        } else {
-            ctx.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
         first = false;
-        backoff = Duration::from_millis(100);
-        ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
         ctx.shared
             .receivers_connected
             .fetch_add(1, Ordering::Relaxed);
@@ -599,6 +576,47 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> R
         if ended == Ended::Stopped || !ctx.plan.reconnect {
             let _ = ws.close(None).await;
             return recorder;
+        }
+    }
+}
+
+/// Connects and joins `room` (resuming with `since` after the first time), and counts the
+/// connection. After the first connection it retries with jittered backoff (100 ms doubling
+/// to 2 s) until it succeeds; `None` when the first attempt failed or the run stopped.
+async fn connect(
+    ctx: &Ctx,
+    index: usize,
+    token: &str,
+    room: &str,
+    recorder: &mut Receiver,
+    first: bool,
+) -> Option<client::Ws> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect_and_join(ctx, index, token, room, recorder, first).await {
+            Ok(ws) => {
+                let counter = if first {
+                    &ctx.shared.opened
+                } else {
+                    &ctx.shared.reconnects
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
+                return Some(ws);
+            }
+            Err(_) if first => {
+                ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(_) => {
+                let jitter =
+                    Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = ctx.stop.cancelled() => return None,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
         }
     }
 }
@@ -697,9 +715,8 @@ async fn publish(
     };
     let mut schedule = None;
     let mut first = true;
-    let mut backoff = Duration::from_millis(100);
     loop {
-        let connected = connect_and_join(
+        let connection = connect(
             &ctx,
             ctx.plan.clients + index,
             &token,
@@ -708,31 +725,8 @@ async fn publish(
             first,
         )
         .await;
-        let ws = match connected {
-            Ok(ws) => ws,
-            Err(_) if first => {
-                ctx.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            Err(_) => {
-                let jitter =
-                    Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                    _ = ctx.stop.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        if first {
-            ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
-        } else {
-            ctx.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
+        let Some(ws) = connection else { break };
         first = false;
-        backoff = Duration::from_millis(100);
-        ctx.shared.connected.fetch_add(1, Ordering::Relaxed);
         // Frames queued while disconnected are all in `pending`: send that instead, in order.
         while frames.try_recv().is_ok() {}
         let mut unanswered: Vec<(u64, String)> = pending
