@@ -9,7 +9,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    return_large_allocations_to_the_system();
+    return_freed_memory_to_the_system();
     let settings = Settings::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
 /// stayed at 82 MiB of resident memory instead of 20. Measured cost on the hot path: within
 /// run-to-run noise (about 3 % of the gateway's CPU at most, in the fanout benchmark).
 #[allow(unsafe_code)]
-fn return_large_allocations_to_the_system() {
+fn return_freed_memory_to_the_system() {
     /// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h`; libmimalloc-sys names no
     /// constant for it.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

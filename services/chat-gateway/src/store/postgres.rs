@@ -304,6 +304,22 @@ fn pool_error(e: PoolError) -> StoreError {
     }
 }
 
+/// A room's last seq, or `None` when there is no such room.
+async fn room_last_seq(
+    client: &deadpool_postgres::Object,
+    room: &RoomName,
+) -> Result<Option<u64>, StoreError> {
+    let select = client
+        .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
+        .await
+        .map_err(pg_error)?;
+    let row = client
+        .query_opt(&select, &[&room.as_str()])
+        .await
+        .map_err(pg_error)?;
+    Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+}
+
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(code) if *code == SqlState::UNIQUE_VIOLATION => {
@@ -359,16 +375,8 @@ impl Store for PostgresStore {
 
     async fn ensure_room(&self, room: &RoomName) -> Result<u64, StoreError> {
         self.with_connection(async |client| {
-            let select = client
-                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = client
-                .query_opt(&select, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?
-            {
-                return Ok(row.get::<_, i64>(0) as u64);
+            if let Some(last_seq) = room_last_seq(client, room).await? {
+                return Ok(last_seq);
             }
             let (kind, a, b) = match (room.kind(), direct_members(room)) {
                 (RoomKind::Direct, Some((a, b))) => {
@@ -394,28 +402,17 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(pg_error)?;
-            let row = client
-                .query_one(&select, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?;
-            Ok(row.get::<_, i64>(0) as u64)
+            // Rooms are never deleted: the row is there, inserted now or by a racing call.
+            room_last_seq(client, room).await?.ok_or_else(|| {
+                StoreError::Unavailable("the room was not found after insert".into())
+            })
         })
         .await
     }
 
     async fn last_seq(&self, room: &RoomName) -> Result<Option<u64>, StoreError> {
-        self.with_connection(async |client| {
-            let stmt = client
-                .prepare_cached("SELECT last_seq FROM rooms WHERE name = $1")
-                .await
-                .map_err(pg_error)?;
-            let row = client
-                .query_opt(&stmt, &[&room.as_str()])
-                .await
-                .map_err(pg_error)?;
-            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
-        })
-        .await
+        self.with_connection(async |client| room_last_seq(client, room).await)
+            .await
     }
 
     async fn append(&self, message: &NewMessage) -> Result<Committed, StoreError> {
