@@ -173,10 +173,15 @@ impl Plan {
 }
 
 /// What every task shares.
+/// Shards of the end-to-end latency histograms (`stats::Latencies`): a few per worker thread
+/// on a small machine, so that two threads rarely want the same one at once.
+const LATENCY_SHARDS: usize = 8;
+
 struct Ctx {
     plan: Plan,
     ws_url: String,
     shared: Shared,
+    latencies: stats::Latencies,
     /// Acknowledged messages per room.
     acked: Vec<AtomicU64>,
     /// Current total publish rate (msg/s × 1000).
@@ -294,6 +299,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     let ctx = Arc::new(Ctx {
         ws_url: client::ws_url(&plan.url),
         shared: Shared::new(seconds),
+        latencies: stats::Latencies::new(LATENCY_SHARDS),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         rate_milli: AtomicU64::new((plan.steps[0] * 1000.0) as u64),
         start: Instant::now(),
@@ -313,7 +319,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         tokio::time::sleep_until(next).await;
         next += gap;
         let token = tokens[i % tokens.len()].clone();
-        receivers.push(tokio::spawn(receive(ctx.clone(), i, token, i < 32)));
+        receivers.push(tokio::spawn(receive(ctx.clone(), i, token)));
         if i % 200 == 0 {
             progress.update(&ctx.shared, "connecting");
         }
@@ -435,21 +441,9 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     }
     progress.finish();
 
-    let mut e2e = stats::histogram();
-    let mut unique = 0;
-    let mut duplicates = 0;
-    let mut per_second_latency: Vec<Histogram<u64>> = Vec::new();
-    for r in &recorders {
-        e2e.add(&r.e2e)?;
-        unique += r.unique;
-        duplicates += r.duplicates;
-        for (second, h) in r.per_second.iter().flatten().enumerate() {
-            while per_second_latency.len() <= second {
-                per_second_latency.push(Histogram::new_with_bounds(1, 60_000_000, 2)?);
-            }
-            per_second_latency[second].add(h)?;
-        }
-    }
+    let unique = recorders.iter().map(|r| r.unique).sum();
+    let duplicates = recorders.iter().map(|r| r.duplicates).sum();
+    let (e2e, per_second_latency) = ctx.latencies.merged();
     let last_second = ctx.second();
     let per_second: Vec<report::Second> = (0..=last_second)
         .map(|s| {
@@ -556,9 +550,9 @@ fn members_per_room(plan: &Plan) -> Vec<u64> {
 }
 
 /// Reads one room's messages until told to stop, reconnecting and resuming with `since`.
-async fn receive(ctx: Arc<Ctx>, index: usize, token: String, sampled: bool) -> Receiver {
+async fn receive(ctx: Arc<Ctx>, index: usize, token: String) -> Receiver {
     let room = ctx.room(index);
-    let mut recorder = Receiver::new(sampled);
+    let mut recorder = Receiver::new(index);
     let mut first = true;
     loop {
         let Some(mut ws) = connect(&ctx, index, &token, &room, &mut recorder, first).await else {
@@ -658,14 +652,13 @@ struct Acks {
 /// Counts a `message` frame.
 fn on_message(ctx: &Ctx, frame: &client::Incoming<'_>, recorder: &mut Receiver) {
     let Some(seq) = frame.seq else { return };
-    let latency = frame
-        .body
-        .as_deref()
-        .and_then(client::sent_at_us)
-        .map(|sent| client::now_us().saturating_sub(sent));
     let second = ctx.second();
-    if recorder.message(seq, latency, second) {
+    if recorder.message(seq) {
         ctx.shared.unique.fetch_add(1, Ordering::Relaxed);
+        if let Some(sent) = frame.body.as_deref().and_then(client::sent_at_us) {
+            let latency = client::now_us().saturating_sub(sent);
+            ctx.latencies.record(recorder.id, latency, second);
+        }
     }
     ctx.shared.delivered(second);
 }
@@ -702,7 +695,7 @@ async fn publish(
     epoch: Instant,
 ) -> (Receiver, Histogram<u64>) {
     let room = ctx.room(index);
-    let mut recorder = Receiver::new(false);
+    let mut recorder = Receiver::new(index);
     let pending: Pending = Arc::default();
     let (retry_tx, retry_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let mut retry_rx = Some(retry_rx);
