@@ -172,11 +172,11 @@ impl Plan {
     }
 }
 
-/// What every task shares.
 /// Shards of the end-to-end latency histograms (`stats::Latencies`): a few per worker thread
 /// on a small machine, so that two threads rarely want the same one at once.
 const LATENCY_SHARDS: usize = 8;
 
+/// What every task shares.
 struct Ctx {
     plan: Plan,
     ws_url: String,

@@ -52,7 +52,7 @@ impl Receiver {
 /// End-to-end latencies of every delivery, overall and per second of the run, in a few
 /// shards that receivers share by index. A histogram per receiver cost 139 KiB each (1.4 GB
 /// for big-room's 10,000 receivers) and made nearly every record a cache miss; a handful of
-/// shards stays in cache, and with about as many shards as threads a lock is rarely contended.
+/// shards stays in cache, and with a few shards per thread a lock is rarely contended.
 pub struct Latencies {
     shards: Vec<std::sync::Mutex<Shard>>,
 }
