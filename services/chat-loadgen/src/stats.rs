@@ -87,8 +87,8 @@ impl Latencies {
         let shard = &self.shards[receiver % self.shards.len()];
         let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let _ = shard.total.record(latency);
-        while shard.per_second.len() <= second {
-            shard.per_second.push(second_histogram());
+        if shard.per_second.len() <= second {
+            shard.per_second.resize_with(second + 1, second_histogram);
         }
         let _ = shard.per_second[second].record(latency);
     }
