@@ -64,6 +64,8 @@ enum RoomCmd {
         seq: u64,
         committed_us: u64,
         frame: Utf8Bytes,
+        /// Told once the room task has taken the message (delivered it, or held it for a gap).
+        taken: Option<oneshot::Sender<()>>,
     },
     Typing {
         exclude: Option<u64>,
@@ -250,20 +252,25 @@ impl Hub {
         answer.await.map_err(|_| RoomUnavailable)
     }
 
-    /// Delivers a message committed by a local session to the room's local sessions.
+    /// Delivers a message committed by a local session to the room's local sessions. The
+    /// answer resolves once the room task has taken the message: by then the sender's own
+    /// copy is in its queue (unless the message waits behind a gap). `None`: the room task
+    /// has ended.
     pub async fn deliver_local(
         &self,
         membership: &RoomRef,
         seq: u64,
         committed_us: u64,
         frame: Utf8Bytes,
-    ) {
+    ) -> Option<oneshot::Receiver<()>> {
+        let (taken, is_taken) = oneshot::channel();
         let cmd = RoomCmd::Message {
             seq,
             committed_us,
             frame,
+            taken: Some(taken),
         };
-        let _ = membership.tx.send(cmd).await;
+        membership.tx.send(cmd).await.ok().map(|()| is_taken)
     }
 
     /// Delivers a typing notice to the room's other local sessions.
@@ -355,6 +362,7 @@ impl BusListener for Hub {
                     seq,
                     committed_us,
                     frame,
+                    taken: None,
                 },
                 Err(_) => return,
             },
@@ -471,7 +479,13 @@ impl RoomTask {
                     seq,
                     committed_us,
                     frame,
-                } => self.on_message(seq, committed_us, frame),
+                    taken,
+                } => {
+                    self.on_message(seq, committed_us, frame);
+                    if let Some(taken) = taken {
+                        let _ = taken.send(());
+                    }
+                }
                 RoomCmd::Typing { exclude, frame } => {
                     for sub in &self.subscribers {
                         if Some(sub.outbox.session) != exclude {

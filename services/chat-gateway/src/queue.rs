@@ -34,6 +34,8 @@ struct State<T> {
     capacity: usize,
     closed: bool,
     overflowed: bool,
+    /// Held back from the receiver (see `Sender::cork`).
+    corked: bool,
     /// Woken by the next item (or the close).
     receiver: Option<Waker>,
     /// Woken by the close only.
@@ -141,15 +143,47 @@ impl<T> Sender<T> {
     pub fn is_closed(&self) -> bool {
         self.shared.lock().closed
     }
+
+    /// Holds the queue back from the receiver until the returned guard is dropped, so that
+    /// frames queued meanwhile (here and, by the receiver's choice, elsewhere) leave together.
+    /// Items can still be queued; a `send` that waits for room while the queue is corked by
+    /// the same task waits forever, so queue before corking.
+    pub fn cork(&self) -> Cork<'_, T> {
+        self.shared.lock().corked = true;
+        Cork {
+            shared: &self.shared,
+        }
+    }
+}
+
+/// Uncorks its queue when dropped, and wakes the receiver.
+pub struct Cork<'a, T> {
+    shared: &'a Shared<T>,
+}
+
+impl<T> Drop for Cork<'_, T> {
+    fn drop(&mut self) {
+        let receiver = {
+            let mut state = self.shared.lock();
+            state.corked = false;
+            state.receiver.take()
+        };
+        if let Some(waker) = receiver {
+            waker.wake();
+        }
+    }
 }
 
 pub struct Receiver<T> {
     shared: Arc<Shared<T>>,
+    /// The queue was corked when last looked at.
+    corked: bool,
 }
 
 enum Taken<T> {
     Item(T),
     Empty,
+    Corked,
     Closed,
 }
 
@@ -163,11 +197,13 @@ impl<T> Receiver<T> {
                     capacity: capacity.max(1),
                     closed: false,
                     overflowed: false,
+                    corked: false,
                     receiver: None,
                     watcher: None,
                 }),
                 room: Notify::new(),
             }),
+            corked: false,
         }
     }
 
@@ -182,8 +218,14 @@ impl<T> Receiver<T> {
                 Poll::Ready(Some(item))
             }
             Taken::Closed => Poll::Ready(None),
-            Taken::Empty => Poll::Pending,
+            Taken::Empty | Taken::Corked => Poll::Pending,
         }
+    }
+
+    /// Whether the queue was corked when last polled: the receiver may then hold back its
+    /// other queues too, so that nothing overtakes what the corked one will release.
+    pub fn is_corked(&self) -> bool {
+        self.corked
     }
 
     pub async fn recv(&mut self) -> Option<T> {
@@ -194,14 +236,22 @@ impl<T> Receiver<T> {
     pub fn try_recv(&mut self) -> Option<T> {
         match self.take(None) {
             Taken::Item(item) => Some(item),
-            Taken::Empty | Taken::Closed => None,
+            Taken::Empty | Taken::Corked | Taken::Closed => None,
         }
     }
 
-    /// Pops an item; when there is none, registers `waker` (if given) for the next one.
-    fn take(&self, waker: Option<&Waker>) -> Taken<T> {
+    /// Pops an item; when there is none (or the queue is corked), registers `waker` (if given)
+    /// for the next one (or the uncork).
+    fn take(&mut self, waker: Option<&Waker>) -> Taken<T> {
         let (item, was_full) = {
             let mut state = self.shared.lock();
+            self.corked = state.corked && !state.closed;
+            if self.corked {
+                if let Some(waker) = waker {
+                    register(&mut state.receiver, waker);
+                }
+                return Taken::Corked;
+            }
             let was_full = state.items.len() >= state.capacity;
             let Some(item) = state.items.pop_front() else {
                 if state.closed {
@@ -269,6 +319,26 @@ mod tests {
         assert_eq!(rx.try_recv(), Some(2));
         assert_eq!(rx.try_recv(), Some(3));
         assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn a_corked_queue_holds_its_items_until_uncorked() {
+        let (tx, mut rx) = bounded(4);
+        tx.try_send(1).unwrap();
+        let cork = tx.cork();
+        tx.try_send(2).unwrap();
+        assert_eq!(rx.try_recv(), None);
+        assert!(rx.is_corked());
+        let receiving = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        assert!(!receiving.is_finished(), "nothing is taken while corked");
+        drop(cork);
+        let (first, mut rx) = receiving.await.unwrap();
+        assert_eq!((first, rx.try_recv()), (Some(1), Some(2)));
+        assert!(!rx.is_corked());
     }
 
     #[tokio::test]

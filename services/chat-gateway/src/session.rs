@@ -28,6 +28,8 @@ pub struct Gone;
 
 /// Rows per store read while replaying a backlog.
 const BACKLOG_PAGE: u32 = 200;
+/// Longest an ack is held back to leave with the sender's own copy of the message.
+const ACK_CORK_LIMIT: Duration = Duration::from_millis(5);
 
 pub struct Session {
     ctx: SharedContext,
@@ -379,10 +381,19 @@ impl Session {
         let committed_us = clock::unix_us();
         let event =
             bus::encode_message(message.seq, &self.ctx.gateway, committed_us, frame.as_str());
-        self.ctx
+        let taken = self
+            .ctx
             .hub
             .deliver_local(&membership, message.seq, committed_us, frame)
             .await;
+        if let Some(taken) = taken {
+            // The ack waits, corked, until the room task has queued the sender's own copy too:
+            // then the connection writes both at once, one send instead of two, ack first. Not
+            // for long, though: a room task busy reading the store must not hold this
+            // connection's other frames back.
+            let _corked = self.replies.cork();
+            let _ = tokio::time::timeout(ACK_CORK_LIMIT, taken).await;
+        }
         // The bus keeps one caller's events in order, so this session's messages leave in seq
         // order; only a publish the bus could not even queue is retried in the background.
         if self.ctx.bus.publish(&room, event.clone()).await.is_err() {
@@ -573,5 +584,32 @@ mod tests {
         );
         ann.session.close().await;
         ben.session.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_ack_is_released_with_the_senders_own_copy() {
+        // So that the connection writes both in one flush: when the handler is done, the
+        // room task has queued the message as well as the session its ack.
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path()).await;
+        let mut ann = session(&ctx, 1, "ann");
+        ann.ask(r#"{"type":"join","room":"lab","ref":1}"#).await;
+        for n in 1..=3 {
+            let sent = ann
+                .ask(&format!(
+                    r#"{{"type":"send","room":"lab","body":"m{n}","ref":{n}}}"#
+                ))
+                .await;
+            assert_eq!(
+                (sent["type"].clone(), sent["seq"].clone()),
+                (json!("sent"), json!(n))
+            );
+            let own = ann.fanout.try_recv().map(json_of);
+            assert_eq!(
+                own.map(|m| (m["seq"].clone(), m["body"].clone())),
+                Some((json!(n), json!(format!("m{n}"))))
+            );
+        }
+        ann.session.close().await;
     }
 }

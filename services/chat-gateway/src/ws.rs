@@ -499,11 +499,16 @@ impl Link {
     }
 
     fn next_queued(&mut self, cx: &mut Context<'_>) -> Option<Message> {
-        if std::mem::take(&mut self.ping) {
-            return Some(Message::Ping(bytes::Bytes::new()));
-        }
         if let Poll::Ready(Some(text)) = self.replies.poll_recv(cx) {
             return Some(Message::Text(text));
+        }
+        // The session corks its replies while what it answers is still on its way to the
+        // fanout queue: nothing is written until both can go in one flush, in order.
+        if self.replies.is_corked() {
+            return None;
+        }
+        if std::mem::take(&mut self.ping) {
+            return Some(Message::Ping(bytes::Bytes::new()));
         }
         if let Poll::Ready(Some(text)) = self.fanout.poll_recv(cx) {
             return Some(Message::Text(text));
