@@ -386,18 +386,19 @@ impl Session {
             .hub
             .deliver_local(&membership, message.seq, committed_us, frame)
             .await;
-        if let Some(taken) = taken {
-            // The ack waits, corked, until the room task has queued the sender's own copy too:
-            // then the connection writes both at once, one send instead of two, ack first. Not
-            // for long, though: a room task busy reading the store must not hold this
-            // connection's other frames back.
-            let _corked = self.replies.cork();
-            let _ = tokio::time::timeout(ACK_CORK_LIMIT, taken).await;
-        }
         // The bus keeps one caller's events in order, so this session's messages leave in seq
         // order; only a publish the bus could not even queue is retried in the background.
         if self.ctx.bus.publish(&room, event.clone()).await.is_err() {
             self.retry_publish(room, event);
+        }
+        if let Some(taken) = taken {
+            // The ack waits, corked, until the room task has queued the sender's own copy too:
+            // then the connection writes both at once, one send instead of two, ack first. Not
+            // for long, though: a room task busy reading the store must not hold this
+            // connection's other frames back. (The other gateways are not kept waiting: the
+            // event is on its way to the bus already.)
+            let _corked = self.replies.cork();
+            let _ = tokio::time::timeout(ACK_CORK_LIMIT, taken).await;
         }
         Ok(())
     }
