@@ -28,7 +28,7 @@ pub struct Incoming<'a> {
 }
 
 /// Small buffers: the load generator holds thousands of sockets on the gateway's machine, and
-/// tungstenite zeroes the free part of the read buffer before every read (two per frame).
+/// tungstenite zeroes the free part of the read buffer before every read.
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(1024)
