@@ -157,6 +157,63 @@ for name in ["saturation", "durable"]:
             w("| %g | %.0f | %.0f | %s | %.2f | %s |" % (s["rate"], s["acked_per_sec"], s["deliveries_per_sec"], fmt(s["p99_ms"]),
                                                     s["gateway_cpu_seconds"], fmt(s["deliveries_per_cpu_second"], 0)))
         w("")
+sio_idle, sio_fanout = load("socketio-idle"), load("socketio-fanout")
+if sio_idle or sio_fanout:
+    ours_idle, ours_fanout = load("idle"), load("fanout")
+
+    def sio_version():
+        try:
+            with open(os.path.join(os.path.dirname(results), "socketio", "node_modules", "socket.io", "package.json")) as f:
+                sio = json.load(f)["version"]
+            with open(os.path.join(os.path.dirname(results), "socketio", "node_modules", "@socket.io", "redis-adapter", "package.json")) as f:
+                adapter = json.load(f)["version"]
+            return "Socket.IO %s, @socket.io/redis-adapter %s" % (sio, adapter)
+        except (OSError, ValueError, KeyError):
+            return "Socket.IO"
+
+    def latency(r):
+        e = r["e2e_latency"]
+        return "p50 %s ms, p99 %s ms, max %s ms" % (fmt(e["p50_ms"]), fmt(e["p99_ms"]), fmt(e["max_ms"]))
+
+    def idle_kib(r):
+        per = r and r.get("idle_bytes_per_connection")
+        return "%s KiB" % fmt(per / 1024, 1) if per else "-"
+
+    def cpu(r):
+        g = r["gateway"]
+        return "%s (%.1f CPU s)" % (fmt(g.get("deliveries_per_cpu_second"), 0), g["cpu_seconds"])
+
+    def rss(r):
+        return "%.0f MiB" % (r["gateway"]["rss_bytes_end"] / 1048576)
+
+    w("## Compared with Socket.IO")
+    w("")
+    w("The same load generator, on the same machine, against %s on Node.js %s" % (sio_version(), cmd(["node", "--version"])))
+    w("(`bench/socketio/server.js`: one process, WebSocket transport only, every broadcast through")
+    w("the fleet's Redis). Socket.IO stores nothing: it numbers each room's messages in memory and")
+    w("broadcasts at once. This gateway commits every message to Postgres, with synchronous commit,")
+    w("before it delivers it. Node runs JavaScript on one core, so a Socket.IO deployment runs one")
+    w("process per core; deliveries per server CPU-second compare the two whatever the core count.")
+    w("")
+    w("| | this gateway | Socket.IO + Redis adapter |")
+    w("|---|---|---|")
+    if ours_idle and sio_idle:
+        w("| idle: server memory per connection (%d connections) | %s | %s |" % (
+            sio_idle["connections"]["made"], idle_kib(ours_idle), idle_kib(sio_idle)))
+    ours_light, sio_light = load("fanout-light"), load("socketio-fanout-light")
+    if ours_light and sio_light:
+        w("| fanout at %g msg/s: end-to-end latency | %s | %s |" % (
+            sio_light["plan"]["rate"], latency(ours_light), latency(sio_light)))
+    if ours_fanout and sio_fanout:
+        p = sio_fanout["plan"]
+        w("| fanout (%d clients, %d rooms, %g msg/s): deliveries/s | %.0f | %.0f |" % (
+            p["clients"], p["rooms"], p["rate"], ours_fanout["deliveries_per_sec"], sio_fanout["deliveries_per_sec"]))
+        w("| fanout: delivery ratio | %.6f | %.6f |" % (ours_fanout["deliveries"]["ratio"], sio_fanout["deliveries"]["ratio"]))
+        w("| fanout: end-to-end latency | %s | %s |" % (latency(ours_fanout), latency(sio_fanout)))
+        w("| fanout: deliveries per server CPU-second | %s | %s |" % (cpu(ours_fanout), cpu(sio_fanout)))
+        w("| fanout: server memory at the end | %s | %s |" % (rss(ours_fanout), rss(sio_fanout)))
+    w("")
+
 w("## Plots")
 w("")
 for name in ["fanout", "many-rooms", "big-room", "saturation", "durable", "reconnect-storm"]:

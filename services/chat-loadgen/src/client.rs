@@ -1,4 +1,6 @@
-//! A minimal protocol v1 client for load: connect, hello, join, and read frames cheaply.
+//! A minimal protocol v1 client for load: connect, hello, join, and read frames cheaply. It
+//! also speaks the same exchanges over Socket.IO (`Protocol::Socketio`), for the side-by-side
+//! run against Socket.IO with its Redis adapter (`bench/socketio`).
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
@@ -27,6 +29,80 @@ pub struct Incoming<'a> {
     pub code: Option<Cow<'a, str>>,
 }
 
+/// The wire protocol of the server under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// The gateway's protocol v1.
+    Chat,
+    /// Socket.IO v4 over WebSocket, with the events of `bench/socketio/server.js`.
+    Socketio,
+}
+
+/// A server frame with the protocol's own framing taken off.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// A frame in the gateway's shapes (`message`, `sent`, `joined`, ...).
+    Frame(&'a str),
+    /// A Socket.IO heartbeat, to be answered with [`PONG`].
+    Ping,
+    /// Anything else.
+    Other,
+}
+
+/// The answer to [`Inbound::Ping`].
+pub const PONG: &str = "3";
+
+/// Takes the protocol's framing off a text frame. Socket.IO packets start with the Engine.IO
+/// type (`2` ping, `4` message), then the Socket.IO type (`2` event, `3` ack, with the ack id):
+/// `42["message",{...}]` and `43<id>[{...}]` carry the object the gateway would have sent.
+pub fn inbound(protocol: Protocol, text: &str) -> Inbound<'_> {
+    match protocol {
+        Protocol::Chat => Inbound::Frame(text),
+        Protocol::Socketio => {
+            if text == "2" {
+                return Inbound::Ping;
+            }
+            let object = if let Some(event) = text.strip_prefix("42[\"message\",") {
+                event.strip_suffix(']')
+            } else if let Some(ack) = text.strip_prefix("43") {
+                ack.trim_start_matches(|c: char| c.is_ascii_digit())
+                    .strip_prefix('[')
+                    .and_then(|rest| rest.strip_suffix(']'))
+            } else {
+                None
+            };
+            object.map_or(Inbound::Other, Inbound::Frame)
+        }
+    }
+}
+
+/// Puts a client frame in the gateway's shape (`{"type": "send", "ref": 3, ...}`) into the
+/// protocol's framing: for Socket.IO, the event named by `type` with the frame as its argument
+/// and `ref` as the ack id (`423["send",{...}]`).
+pub fn outbound(protocol: Protocol, frame: String) -> String {
+    match protocol {
+        Protocol::Chat => frame,
+        Protocol::Socketio => {
+            #[derive(Deserialize)]
+            struct Head<'a> {
+                #[serde(rename = "type", borrow)]
+                kind: Cow<'a, str>,
+                #[serde(rename = "ref")]
+                reference: Option<u64>,
+            }
+            let Ok(head) = serde_json::from_str::<Head<'_>>(&frame) else {
+                return frame;
+            };
+            let id = head.reference.map(|r| r.to_string()).unwrap_or_default();
+            format!(
+                "42{id}[{},{frame}]",
+                serde_json::Value::from(head.kind.as_ref())
+            )
+        }
+    }
+}
+
 /// Small buffers: the load generator holds thousands of sockets on the gateway's machine, and
 /// tungstenite zeroes the free part of the read buffer before every read.
 fn config() -> WebSocketConfig {
@@ -39,6 +115,7 @@ fn config() -> WebSocketConfig {
 /// Connects (from `source` when given: a loopback address, so that a load balancer's
 /// per-address limits see many clients), sends hello, waits for welcome.
 pub async fn open(
+    protocol: Protocol,
     ws_url: &str,
     token: &str,
     source: Option<std::net::IpAddr>,
@@ -75,23 +152,41 @@ pub async fn open(
     let mut ws = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
         .context("connect timed out")??;
+    if protocol == Protocol::Socketio {
+        // Engine.IO's open packet, then a connect to the main namespace.
+        match next_raw(&mut ws).await? {
+            Some(text) if text.starts_with('0') => {}
+            other => bail!("no Engine.IO open packet: {other:?}"),
+        }
+        ws.send(Message::text("40")).await?;
+        return match next_raw(&mut ws).await? {
+            Some(text) if text.starts_with("40") => Ok(ws),
+            other => bail!("no Socket.IO connect: {other:?}"),
+        };
+    }
     let hello = serde_json::json!({"type": "hello", "token": token}).to_string();
     ws.send(Message::text(hello)).await?;
-    match next_text(&mut ws).await? {
+    match next_text(protocol, &mut ws).await? {
         Some(text) if text.contains("\"welcome\"") => Ok(ws),
         other => bail!("no welcome: {other:?}"),
     }
 }
 
 /// Joins a room; returns the room's last seq. With `since`, the backlog follows.
-pub async fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> anyhow::Result<u64> {
+pub async fn join(
+    protocol: Protocol,
+    ws: &mut Ws,
+    room: &str,
+    since: Option<u64>,
+) -> anyhow::Result<u64> {
     let mut frame = serde_json::json!({"type": "join", "room": room, "ref": 0});
     if let Some(since) = since {
         frame["since"] = since.into();
     }
-    ws.send(Message::text(frame.to_string())).await?;
+    ws.send(Message::text(outbound(protocol, frame.to_string())))
+        .await?;
     loop {
-        let Some(text) = next_text(ws).await? else {
+        let Some(text) = next_text(protocol, ws).await? else {
             bail!("closed while joining");
         };
         let incoming: Incoming<'_> = serde_json::from_str(&text)?;
@@ -103,8 +198,23 @@ pub async fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> anyhow::Result
     }
 }
 
-/// The next text frame (`None` when the socket ended), with a generous timeout.
-pub async fn next_text(ws: &mut Ws) -> anyhow::Result<Option<String>> {
+/// The next frame in the gateway's shapes (`None` when the socket ended), answering
+/// heartbeats on the way.
+pub async fn next_text(protocol: Protocol, ws: &mut Ws) -> anyhow::Result<Option<String>> {
+    loop {
+        let Some(text) = next_raw(ws).await? else {
+            return Ok(None);
+        };
+        match inbound(protocol, &text) {
+            Inbound::Frame(frame) => return Ok(Some(frame.to_string())),
+            Inbound::Ping => ws.send(Message::text(PONG)).await?,
+            Inbound::Other => {}
+        }
+    }
+}
+
+/// The next text frame as sent (`None` when the socket ended), with a generous timeout.
+async fn next_raw(ws: &mut Ws) -> anyhow::Result<Option<String>> {
     loop {
         match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
             Err(_) => bail!("no frame for 30 s"),
@@ -130,15 +240,18 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// `http://host:port` -> `ws://host:port/ws`.
-pub fn ws_url(base: &str) -> String {
+/// `http://host:port` -> `ws://host:port/ws`, or Socket.IO's WebSocket endpoint.
+pub fn ws_url(protocol: Protocol, base: &str) -> String {
     let base = base.trim_end_matches('/');
     let rest = base
         .strip_prefix("https://")
         .map(|r| format!("wss://{r}"))
         .or_else(|| base.strip_prefix("http://").map(|r| format!("ws://{r}")))
         .unwrap_or_else(|| base.to_string());
-    format!("{rest}/ws")
+    match protocol {
+        Protocol::Chat => format!("{rest}/ws"),
+        Protocol::Socketio => format!("{rest}/socket.io/?EIO=4&transport=websocket"),
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +266,38 @@ mod tests {
         .unwrap();
         assert_eq!((m.kind.as_ref(), m.seq), ("message", Some(7)));
         assert_eq!(sent_at_us(m.body.as_deref().unwrap()), Some(123));
-        assert_eq!(ws_url("http://127.0.0.1:80/"), "ws://127.0.0.1:80/ws");
+        assert_eq!(
+            ws_url(Protocol::Chat, "http://127.0.0.1:80/"),
+            "ws://127.0.0.1:80/ws"
+        );
+    }
+
+    #[test]
+    fn speaks_socketio_framing() {
+        let sio = Protocol::Socketio;
+        assert_eq!(
+            ws_url(sio, "http://127.0.0.1:80"),
+            "ws://127.0.0.1:80/socket.io/?EIO=4&transport=websocket"
+        );
+        let message = r#"{"type":"message","room":"r","seq":7,"body":"t1 p0 n1"}"#;
+        assert_eq!(
+            inbound(sio, &format!(r#"42["message",{message}]"#)),
+            Inbound::Frame(message)
+        );
+        let sent = r#"{"type":"sent","ref":12,"seq":7}"#;
+        assert_eq!(inbound(sio, &format!("4312[{sent}]")), Inbound::Frame(sent));
+        assert_eq!(inbound(sio, "2"), Inbound::Ping);
+        assert_eq!(inbound(sio, r#"42["typing",{}]"#), Inbound::Other);
+        assert_eq!(inbound(sio, "40{\"sid\":\"x\"}"), Inbound::Other);
+        assert_eq!(inbound(Protocol::Chat, "2"), Inbound::Frame("2"));
+
+        let send = r#"{"type":"send","room":"r","body":"b","ref":3}"#.to_string();
+        assert_eq!(
+            outbound(sio, send.clone()),
+            format!(r#"423["send",{send}]"#)
+        );
+        let join = r#"{"type":"join","room":"r"}"#.to_string();
+        assert_eq!(outbound(sio, join.clone()), format!(r#"42["join",{join}]"#));
+        assert_eq!(outbound(Protocol::Chat, send.clone()), send);
     }
 }

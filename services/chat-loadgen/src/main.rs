@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 ///                    after --kill-after seconds and reports the time until all are back
 /// Publishers send faster than the gateway's default per-connection limit (10 msg/s): run
 /// the gateways with CHAT_RATE_PER_SEC and CHAT_RATE_BURST raised (scripts/bench does).
+/// With --protocol socketio it loads bench/socketio/server.js (Socket.IO with its Redis
+/// adapter) the same way, for comparison; pass that process's --pid.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "chat-loadgen", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -40,6 +42,10 @@ pub struct Cli {
     url: String,
     #[arg(long, value_enum, default_value_t = Scenario::Fanout)]
     scenario: Scenario,
+    /// The server's protocol: the gateway's, or Socket.IO's (bench/socketio/server.js; no
+    /// accounts, no resume after a reconnect).
+    #[arg(long, value_enum, default_value_t = client::Protocol::Chat)]
+    protocol: client::Protocol,
     /// Receiving clients (connections).
     #[arg(long)]
     clients: Option<usize>,
@@ -111,6 +117,7 @@ pub enum Scenario {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
     pub scenario: Scenario,
+    pub protocol: client::Protocol,
     pub url: String,
     pub clients: usize,
     pub rooms: usize,
@@ -156,6 +163,7 @@ impl Plan {
         let clients = cli.clients.unwrap_or(clients);
         Ok(Plan {
             scenario: cli.scenario,
+            protocol: cli.protocol,
             url: cli.url.trim_end_matches('/').to_string(),
             clients,
             rooms: cli.rooms.unwrap_or(rooms).max(1),
@@ -294,10 +302,13 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         Some(state) => procstat::cluster_pids(state)?,
         None => cli.pids.clone(),
     };
-    let tokens = register_users(&plan, &run_id).await?;
+    let tokens = match plan.protocol {
+        client::Protocol::Chat => register_users(&plan, &run_id).await?,
+        client::Protocol::Socketio => vec![String::new()],
+    };
     let seconds = (plan.duration_s as usize) * plan.steps.len() + 600;
     let ctx = Arc::new(Ctx {
-        ws_url: client::ws_url(&plan.url),
+        ws_url: client::ws_url(plan.protocol, &plan.url),
         shared: Shared::new(seconds),
         latencies: stats::Latencies::new(LATENCY_SHARDS),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
@@ -623,9 +634,10 @@ async fn connect_and_join(
     recorder: &mut Receiver,
     first: bool,
 ) -> anyhow::Result<client::Ws> {
-    let mut ws = client::open(&ctx.ws_url, token, ctx.source(index)).await?;
+    let protocol = ctx.plan.protocol;
+    let mut ws = client::open(protocol, &ctx.ws_url, token, ctx.source(index)).await?;
     let since = (!first).then_some(recorder.last_seq);
-    let last_seq = client::join(&mut ws, room, since).await?;
+    let last_seq = client::join(protocol, &mut ws, room, since).await?;
     if first {
         recorder.last_seq = last_seq;
     }
@@ -677,7 +689,17 @@ async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiv
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ended::Dropped,
             Some(Ok(_)) => continue,
         };
-        if let Ok(frame) = serde_json::from_str::<client::Incoming<'_>>(&text)
+        let text = match client::inbound(ctx.plan.protocol, &text) {
+            client::Inbound::Frame(frame) => frame,
+            client::Inbound::Ping => {
+                if ws.send(Message::text(client::PONG)).await.is_err() {
+                    return Ended::Dropped;
+                }
+                continue;
+            }
+            client::Inbound::Other => continue,
+        };
+        if let Ok(frame) = serde_json::from_str::<client::Incoming<'_>>(text)
             && frame.kind == "message"
         {
             on_message(ctx, &frame, recorder);
@@ -826,8 +848,13 @@ async fn publisher_link(
     recorder: &mut Receiver,
     acks: &mut Acks,
 ) -> Ended {
+    let protocol = ctx.plan.protocol;
     for (_, frame) in unanswered {
-        if ws.send(Message::text(frame)).await.is_err() {
+        if ws
+            .send(Message::text(client::outbound(protocol, frame)))
+            .await
+            .is_err()
+        {
             return Ended::Dropped;
         }
     }
@@ -840,12 +867,20 @@ async fn publisher_link(
                 return Ended::Stopped;
             }
             Some(frame) = frames.recv() => {
-                if ws.send(Message::text(frame)).await.is_err() {
+                if ws.send(Message::text(client::outbound(protocol, frame))).await.is_err() {
                     return Ended::Dropped;
                 }
             }
             next = ws.next() => match next {
-                Some(Ok(Message::Text(text))) => handle_publisher_frame(ctx, &text, recorder, acks),
+                Some(Ok(Message::Text(text))) => match client::inbound(protocol, &text) {
+                    client::Inbound::Frame(frame) => handle_publisher_frame(ctx, frame, recorder, acks),
+                    client::Inbound::Ping => {
+                        if ws.send(Message::text(client::PONG)).await.is_err() {
+                            return Ended::Dropped;
+                        }
+                    }
+                    client::Inbound::Other => {}
+                },
                 Some(Ok(_)) => {}
                 _ => return Ended::Dropped,
             },
