@@ -212,6 +212,21 @@ if sio_idle or sio_fanout:
         w("| fanout: end-to-end latency | %s | %s |" % (latency(ours_fanout), latency(sio_fanout)))
         w("| fanout: deliveries per server CPU-second | %s | %s |" % (cpu(ours_fanout), cpu(sio_fanout)))
         w("| fanout: server memory at the end | %s | %s |" % (rss(ours_fanout), rss(sio_fanout)))
+    ours_sat, sio_sat = load("saturation"), load("socketio-saturation")
+    if ours_sat and sio_sat:
+        def best(r):
+            return max((st.get("deliveries_per_cpu_second") or 0) for st in r["steps"])
+
+        def knee(r):
+            rate = next((st["rate"] for st in r["steps"] if (st.get("p99_ms") or 0) > 100), None)
+            return "%g msg/s" % rate if rate else "no step (highest %g msg/s)" % r["steps"][-1]["rate"]
+
+        def most(r):
+            return max(st["deliveries_per_sec"] for st in r["steps"])
+
+        w("| stepped fanout: most deliveries/s in a step | %.0f | %.0f |" % (most(ours_sat), most(sio_sat)))
+        w("| stepped fanout: best deliveries per server CPU-second | %.0f | %.0f |" % (best(ours_sat), best(sio_sat)))
+        w("| stepped fanout: e2e p99 passes 100 ms at | %s | %s |" % (knee(ours_sat), knee(sio_sat)))
     w("")
 
 w("## Plots")
