@@ -186,47 +186,60 @@ if sio_idle or sio_fanout:
     def rss(r):
         return "%.0f MiB" % (r["gateway"]["rss_bytes_end"] / 1048576)
 
+
     w("## Compared with Socket.IO")
     w("")
     w("The same load generator, on the same machine, against %s on Node.js %s" % (sio_version(), cmd(["node", "--version"])))
-    w("(`bench/socketio/server.js`: one process, WebSocket transport only, every broadcast through")
-    w("the fleet's Redis). Socket.IO stores nothing: it numbers each room's messages in memory and")
-    w("broadcasts at once. This gateway commits every message to Postgres, with synchronous commit,")
-    w("before it delivers it. Node runs JavaScript on one core, so a Socket.IO deployment runs one")
-    w("process per core; deliveries per server CPU-second compare the two whatever the core count.")
+    w("(`bench/socketio/server.js`: WebSocket transport only, every broadcast through the fleet's")
+    w("Redis; with two processes the connections alternate between them). Socket.IO stores nothing:")
+    w("it numbers each room's messages in memory and broadcasts at once. This gateway commits every")
+    w("message to Postgres, with synchronous commit, before it delivers it. Node runs JavaScript on")
+    w("one core, so a Socket.IO deployment runs one process per core; deliveries per server")
+    w("CPU-second compare the two whatever the core count.")
     w("")
-    w("| | this gateway | Socket.IO + Redis adapter |")
-    w("|---|---|---|")
-    if ours_idle and sio_idle:
-        w("| idle: server memory per connection (%d connections) | %s | %s |" % (
-            sio_idle["connections"]["made"], idle_kib(ours_idle), idle_kib(sio_idle)))
-    ours_light, sio_light = load("fanout-light"), load("socketio-fanout-light")
-    if ours_light and sio_light:
-        w("| fanout at %g msg/s: end-to-end latency | %s | %s |" % (
-            sio_light["plan"]["rate"], latency(ours_light), latency(sio_light)))
-    if ours_fanout and sio_fanout:
+    sio2_fanout, sio2_sat = load("socketio2-fanout"), load("socketio2-saturation")
+    two = bool(sio2_fanout or sio2_sat)
+
+    def cells(*values):
+        return " | ".join(values[: 3 if two else 2])
+
+    if two:
+        w("| | this gateway | Socket.IO, 1 process | Socket.IO, 2 processes |")
+        w("|---|---|---|---|")
+    else:
+        w("| | this gateway | Socket.IO, 1 process |")
+        w("|---|---|---|")
+
+    def line(what, ours, sio1, sio2, f):
+        w("| %s | %s |" % (what, cells(*(f(r) if r else "-" for r in (ours, sio1, sio2)))))
+
+    line("idle: server memory per connection (%d connections)" % (sio_idle or ours_idle or {"connections": {"made": 0}})["connections"]["made"],
+         ours_idle, sio_idle, None, idle_kib)
+    line("fanout at 20 msg/s: end-to-end latency", load("fanout-light"), load("socketio-fanout-light"), None, latency)
+    if sio_fanout:
         p = sio_fanout["plan"]
-        w("| fanout (%d clients, %d rooms, %g msg/s): deliveries/s | %.0f | %.0f |" % (
-            p["clients"], p["rooms"], p["rate"], ours_fanout["deliveries_per_sec"], sio_fanout["deliveries_per_sec"]))
-        w("| fanout: delivery ratio | %.6f | %.6f |" % (ours_fanout["deliveries"]["ratio"], sio_fanout["deliveries"]["ratio"]))
-        w("| fanout: end-to-end latency | %s | %s |" % (latency(ours_fanout), latency(sio_fanout)))
-        w("| fanout: deliveries per server CPU-second | %s | %s |" % (cpu(ours_fanout), cpu(sio_fanout)))
-        w("| fanout: server memory at the end | %s | %s |" % (rss(ours_fanout), rss(sio_fanout)))
+        label = "fanout (%d clients, %d rooms, %g msg/s)" % (p["clients"], p["rooms"], p["rate"])
+        line(label + ": deliveries/s", ours_fanout, sio_fanout, sio2_fanout, lambda r: "%.0f" % r["deliveries_per_sec"])
+        line("fanout: delivery ratio", ours_fanout, sio_fanout, sio2_fanout, lambda r: "%.6f" % r["deliveries"]["ratio"])
+        line("fanout: end-to-end latency", ours_fanout, sio_fanout, sio2_fanout, latency)
+        line("fanout: deliveries per server CPU-second", ours_fanout, sio_fanout, sio2_fanout, cpu)
+        line("fanout: server memory at the end", ours_fanout, sio_fanout, sio2_fanout, rss)
+
+    def best(r):
+        return "%.0f" % max((st.get("deliveries_per_cpu_second") or 0) for st in r["steps"])
+
+    def knee(r):
+        rate = next((st["rate"] for st in r["steps"] if (st.get("p99_ms") or 0) > 100), None)
+        return "%g msg/s" % rate if rate else "no step (highest %g msg/s)" % r["steps"][-1]["rate"]
+
+    def most(r):
+        return "%.0f" % max(st["deliveries_per_sec"] for st in r["steps"])
+
     ours_sat, sio_sat = load("saturation"), load("socketio-saturation")
-    if ours_sat and sio_sat:
-        def best(r):
-            return max((st.get("deliveries_per_cpu_second") or 0) for st in r["steps"])
-
-        def knee(r):
-            rate = next((st["rate"] for st in r["steps"] if (st.get("p99_ms") or 0) > 100), None)
-            return "%g msg/s" % rate if rate else "no step (highest %g msg/s)" % r["steps"][-1]["rate"]
-
-        def most(r):
-            return max(st["deliveries_per_sec"] for st in r["steps"])
-
-        w("| stepped fanout: most deliveries/s in a step | %.0f | %.0f |" % (most(ours_sat), most(sio_sat)))
-        w("| stepped fanout: best deliveries per server CPU-second | %.0f | %.0f |" % (best(ours_sat), best(sio_sat)))
-        w("| stepped fanout: e2e p99 passes 100 ms at | %s | %s |" % (knee(ours_sat), knee(sio_sat)))
+    if sio_sat:
+        line("stepped fanout: most deliveries/s in a step", ours_sat, sio_sat, sio2_sat, most)
+        line("stepped fanout: best deliveries per server CPU-second", ours_sat, sio_sat, sio2_sat, best)
+        line("stepped fanout: e2e p99 passes 100 ms at", ours_sat, sio_sat, sio2_sat, knee)
     w("")
 
 w("## Plots")

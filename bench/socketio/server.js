@@ -2,6 +2,9 @@
 // run chat-loadgen against (`--protocol socketio`). One Node process, WebSocket transport only,
 // every broadcast through Redis as in a fleet of several. It stores nothing and numbers each
 // room's messages in memory, so it does less than the gateway: no database, no durable commit.
+// With several processes a room's publishers must all use the same one (the load generator's
+// connections alternate over the processes, so a room count that is a multiple of the process
+// count does that).
 //
 //   PORT=8090 REDIS_URL=redis://127.0.0.1:6379 node server.js
 //

@@ -37,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "chat-loadgen", version, about, verbatim_doc_comment)]
 pub struct Cli {
-    /// Base URL of a gateway or of nginx.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// Base URL of a gateway or of nginx. Repeat it to spread the connections over several
+    /// servers, in turn (accounts are registered through the first).
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    urls: Vec<String>,
     #[arg(long, value_enum, default_value_t = Scenario::Fanout)]
     scenario: Scenario,
     /// The server's protocol: the gateway's, or Socket.IO's (bench/socketio/server.js; no
@@ -118,7 +119,7 @@ pub enum Scenario {
 pub struct Plan {
     pub scenario: Scenario,
     pub protocol: client::Protocol,
-    pub url: String,
+    pub urls: Vec<String>,
     pub clients: usize,
     pub rooms: usize,
     pub publishers: usize,
@@ -164,7 +165,11 @@ impl Plan {
         Ok(Plan {
             scenario: cli.scenario,
             protocol: cli.protocol,
-            url: cli.url.trim_end_matches('/').to_string(),
+            urls: cli
+                .urls
+                .iter()
+                .map(|url| url.trim_end_matches('/').to_string())
+                .collect(),
             clients,
             rooms: cli.rooms.unwrap_or(rooms).max(1),
             publishers: cli.publishers.unwrap_or(publishers),
@@ -187,7 +192,8 @@ const LATENCY_SHARDS: usize = 8;
 /// What every task shares.
 struct Ctx {
     plan: Plan,
-    ws_url: String,
+    /// One per `--url`; connection `i` uses `ws_urls[i % len]`.
+    ws_urls: Vec<String>,
     shared: Shared,
     latencies: stats::Latencies,
     /// Acknowledged messages per room.
@@ -247,7 +253,7 @@ async fn register_users(plan: &Plan, run_id: &str) -> anyhow::Result<Vec<String>
     let limit = Arc::new(Semaphore::new(8));
     let mut tasks = Vec::new();
     for i in 0..plan.users {
-        let (http, url, limit) = (http.clone(), plan.url.clone(), limit.clone());
+        let (http, url, limit) = (http.clone(), plan.urls[0].clone(), limit.clone());
         let name = format!("lg{run_id}_{i}");
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire().await?;
@@ -308,7 +314,11 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     };
     let seconds = (plan.duration_s as usize) * plan.steps.len() + 600;
     let ctx = Arc::new(Ctx {
-        ws_url: client::ws_url(plan.protocol, &plan.url),
+        ws_urls: plan
+            .urls
+            .iter()
+            .map(|url| client::ws_url(plan.protocol, url))
+            .collect(),
         shared: Shared::new(seconds),
         latencies: stats::Latencies::new(LATENCY_SHARDS),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
@@ -635,7 +645,8 @@ async fn connect_and_join(
     first: bool,
 ) -> anyhow::Result<client::Ws> {
     let protocol = ctx.plan.protocol;
-    let mut ws = client::open(protocol, &ctx.ws_url, token, ctx.source(index)).await?;
+    let ws_url = &ctx.ws_urls[index % ctx.ws_urls.len()];
+    let mut ws = client::open(protocol, ws_url, token, ctx.source(index)).await?;
     let since = (!first).then_some(recorder.last_seq);
     let last_seq = client::join(protocol, &mut ws, room, since).await?;
     if first {

@@ -99,7 +99,14 @@ pub fn print(o: &Outcome, json: bool) {
     let p = &o.plan;
     println!(
         "scenario {:?}: {} clients, {} rooms, {} publishers, {} msg/s, {} s, {}-byte bodies, via {}",
-        p.scenario, p.clients, p.rooms, p.publishers, p.rate, p.duration_s, p.body_bytes, p.url
+        p.scenario,
+        p.clients,
+        p.rooms,
+        p.publishers,
+        p.rate,
+        p.duration_s,
+        p.body_bytes,
+        p.urls.join(", ")
     );
     let c = &o.connections;
     println!(
