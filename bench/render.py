@@ -225,6 +225,14 @@ if sio_idle or sio_fanout:
         line("fanout: deliveries per server CPU-second", ours_fanout, sio_fanout, sio2_fanout, cpu)
         line("fanout: server memory at the end", ours_fanout, sio_fanout, sio2_fanout, rss)
 
+    sio_big = load("socketio-big-room")
+    if sio_big:
+        p = sio_big["plan"]
+        label = "big-room (%d clients in one room, %g msg/s)" % (p["clients"], p["rate"])
+        line(label + ": delivery ratio", load("big-room"), sio_big, None, lambda r: "%.6f" % r["deliveries"]["ratio"])
+        line("big-room: end-to-end latency", load("big-room"), sio_big, None, latency)
+        line("big-room: deliveries per server CPU-second", load("big-room"), sio_big, None, cpu)
+
     def best(r):
         return "%.0f" % max((st.get("deliveries_per_cpu_second") or 0) for st in r["steps"])
 
