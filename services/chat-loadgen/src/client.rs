@@ -41,7 +41,7 @@ pub enum Protocol {
 
 /// A server frame with the protocol's own framing taken off.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Inbound<'a> {
+enum Inbound<'a> {
     /// A frame in the gateway's shapes (`message`, `sent`, `joined`, ...).
     Frame(&'a str),
     /// A Socket.IO heartbeat, to be answered with [`PONG`].
@@ -51,12 +51,12 @@ pub enum Inbound<'a> {
 }
 
 /// The answer to [`Inbound::Ping`].
-pub const PONG: &str = "3";
+const PONG: &str = "3";
 
 /// Takes the protocol's framing off a text frame. Socket.IO packets start with the Engine.IO
 /// type (`2` ping, `4` message), then the Socket.IO type (`2` event, `3` ack, with the ack id):
 /// `42["message",{...}]` and `43<id>[{...}]` carry the object the gateway would have sent.
-pub fn inbound(protocol: Protocol, text: &str) -> Inbound<'_> {
+fn inbound(protocol: Protocol, text: &str) -> Inbound<'_> {
     match protocol {
         Protocol::Chat => Inbound::Frame(text),
         Protocol::Socketio => {
@@ -198,6 +198,20 @@ pub async fn join(
     }
 }
 
+/// The frame in the gateway's shapes that `text` carries, if any; answers a heartbeat on `ws`.
+/// Every reader of a socket goes through here, so none can forget the heartbeat.
+pub async fn unframe<'t>(
+    protocol: Protocol,
+    ws: &mut Ws,
+    text: &'t str,
+) -> Result<Option<&'t str>, tokio_tungstenite::tungstenite::Error> {
+    match inbound(protocol, text) {
+        Inbound::Frame(frame) => Ok(Some(frame)),
+        Inbound::Ping => ws.send(Message::text(PONG)).await.map(|()| None),
+        Inbound::Other => Ok(None),
+    }
+}
+
 /// The next frame in the gateway's shapes (`None` when the socket ended), answering
 /// heartbeats on the way.
 pub async fn next_text(protocol: Protocol, ws: &mut Ws) -> anyhow::Result<Option<String>> {
@@ -205,10 +219,8 @@ pub async fn next_text(protocol: Protocol, ws: &mut Ws) -> anyhow::Result<Option
         let Some(text) = next_raw(ws).await? else {
             return Ok(None);
         };
-        match inbound(protocol, &text) {
-            Inbound::Frame(frame) => return Ok(Some(frame.to_string())),
-            Inbound::Ping => ws.send(Message::text(PONG)).await?,
-            Inbound::Other => {}
+        if let Some(frame) = unframe(protocol, ws, &text).await? {
+            return Ok(Some(frame.to_string()));
         }
     }
 }

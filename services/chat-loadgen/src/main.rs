@@ -700,15 +700,10 @@ async fn read_until_closed(ctx: &Ctx, ws: &mut client::Ws, recorder: &mut Receiv
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ended::Dropped,
             Some(Ok(_)) => continue,
         };
-        let text = match client::inbound(ctx.plan.protocol, &text) {
-            client::Inbound::Frame(frame) => frame,
-            client::Inbound::Ping => {
-                if ws.send(Message::text(client::PONG)).await.is_err() {
-                    return Ended::Dropped;
-                }
-                continue;
-            }
-            client::Inbound::Other => continue,
+        let text = match client::unframe(ctx.plan.protocol, ws, &text).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => continue,
+            Err(_) => return Ended::Dropped,
         };
         if let Ok(frame) = serde_json::from_str::<client::Incoming<'_>>(text)
             && frame.kind == "message"
@@ -883,14 +878,10 @@ async fn publisher_link(
                 }
             }
             next = ws.next() => match next {
-                Some(Ok(Message::Text(text))) => match client::inbound(protocol, &text) {
-                    client::Inbound::Frame(frame) => handle_publisher_frame(ctx, frame, recorder, acks),
-                    client::Inbound::Ping => {
-                        if ws.send(Message::text(client::PONG)).await.is_err() {
-                            return Ended::Dropped;
-                        }
-                    }
-                    client::Inbound::Other => {}
+                Some(Ok(Message::Text(text))) => match client::unframe(protocol, &mut ws, &text).await {
+                    Ok(Some(frame)) => handle_publisher_frame(ctx, frame, recorder, acks),
+                    Ok(None) => {}
+                    Err(_) => return Ended::Dropped,
                 },
                 Some(Ok(_)) => {}
                 _ => return Ended::Dropped,
