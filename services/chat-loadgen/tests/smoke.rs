@@ -1,6 +1,8 @@
 //! A short run of the load generator against a real gateway (embedded mode, in-process): it
 //! connects, publishes, and reports every delivery. Timings are the benchmark's business.
 
+mod common;
+
 use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,16 +23,8 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
             .args(["--url", &format!("http://127.0.0.1:{port}")])
-            .args(["--scenario", "fanout", "--clients", "40", "--rooms", "2"])
-            .args([
-                "--publishers",
-                "2",
-                "--rate",
-                "20",
-                "--duration",
-                "2",
-                "--json",
-            ])
+            .args(common::SMALL_FANOUT)
+            .arg("--json")
             .arg("--pid")
             .arg(std::process::id().to_string())
             .arg("--plot")
@@ -40,24 +34,8 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
-    assert_eq!(report["connections"]["made"], 42);
-    assert_eq!(report["connections"]["failed"], 0);
-    let acked = report["messages_acked"].as_u64().unwrap();
-    assert!(acked >= 20, "{report}");
-    // 40 receivers + 2 publishers over 2 rooms: each message reaches 21 sessions.
-    assert_eq!(
-        report["deliveries"]["expected"].as_u64().unwrap(),
-        acked * 21
-    );
-    assert_eq!(report["deliveries"]["ratio"], 1.0);
-    assert_eq!(report["deliveries"]["duplicates"], 0);
+    let report = common::report(&output);
+    let acked = common::assert_every_message_delivered(&report);
     assert!(report["e2e_latency"]["samples"].as_u64().unwrap() >= acked * 21);
     assert!(report["gateway"]["rss_bytes_end"].as_u64().unwrap() > 0);
     let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();

@@ -2,6 +2,8 @@
 //! real Node process on a real Redis), as `scripts/bench` runs it for the comparison table:
 //! it connects, joins, publishes, gets its acks and counts every delivery.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -39,32 +41,15 @@ fn a_short_fanout_run_against_socketio_delivers_everything() {
     let output = Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
         .args(["--protocol", "socketio"])
         .args(["--url", &format!("http://127.0.0.1:{port}")])
-        .args(["--scenario", "fanout", "--clients", "40", "--rooms", "2"])
-        .args(["--publishers", "2", "--rate", "20", "--duration", "2"])
+        .args(common::SMALL_FANOUT)
         .args(["--json", "--quiet", "--pid", &server.id().to_string()])
         .output()
         .unwrap();
     let status = chat_testkit::stop_child(&mut server, libc::SIGTERM, Duration::from_secs(5));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let report = common::report(&output);
     assert_eq!(report["plan"]["protocol"], "socketio");
-    assert_eq!(report["connections"]["made"], 42);
-    assert_eq!(report["connections"]["failed"], 0);
-    let acked = report["messages_acked"].as_u64().unwrap();
-    assert!(acked >= 20, "{report}");
+    common::assert_every_message_delivered(&report);
     assert_eq!(report["send_errors"], 0, "{report}");
-    // 40 receivers + 2 publishers over 2 rooms: each message reaches 21 sockets.
-    assert_eq!(
-        report["deliveries"]["expected"].as_u64().unwrap(),
-        acked * 21
-    );
-    assert_eq!(report["deliveries"]["ratio"], 1.0);
-    assert_eq!(report["deliveries"]["duplicates"], 0);
     assert!(
         report["gateway"]["cpu_seconds"].as_f64().unwrap() > 0.0,
         "{report}"
