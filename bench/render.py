@@ -151,6 +151,36 @@ if r:
         "ratio %.6f, %d reconnects, all back after %s s" % (r["deliveries"]["ratio"], r["connections"]["reconnects"], fmt(rec)),
         ok(r["deliveries"]["ratio"] == 1.0 and rec is not None))
 w("")
+def profile_section():
+    """Where the gateway's CPU goes under the saturation load (scripts/bench profile)."""
+    prof = load("profile")
+    if not prof:
+        return
+    busiest = prof["load"]["busiest_step"]
+    w("### Where the gateway's CPU goes under saturation")
+    w("")
+    w("`scripts/bench profile` runs the saturation steps again on a gateway built with frame pointers,")
+    w("under `perf record -e cpu-clock -F 499 -g` (this machine has no hardware counters), and sums the")
+    w("samples with `bench/profile_summary.py`: a kernel sample is charged to its system call, a user")
+    w("sample to the first component on its stack, from the leaf up, past the standard library.")
+    w("%.1f CPU seconds were sampled, %.0f %% of them in the kernel; the busiest step (%g msg/s) made" % (
+        prof["sampled_cpu_seconds"], 100 * prof["kernel_share"], busiest["rate"]))
+    w("%.0f deliveries/s at %s per gateway CPU-second (ratio over the run: %.6f)." % (
+        busiest["deliveries_per_sec"], fmt(busiest["deliveries_per_cpu_second"], 0), prof["load"]["ratio"]))
+    w("")
+    w("| where | share of the gateway's CPU |")
+    w("|---|---|")
+    for c in prof["categories"]:
+        if c["share"] >= 0.005:
+            w("| %s | %.1f %% |" % (c["name"], 100 * c["share"]))
+    w("")
+    w("The functions the most samples ended in: %s." % "; ".join(
+        "`%s` %.1f %%" % (f["name"], 100 * f["share"]) for f in prof["top_functions"][:8]))
+    w("")
+    w("![flame graph of the gateway under the saturation load](../bench/results/profile.svg)")
+    w("")
+
+
 for name in ["saturation", "durable"]:
     r = load(name)
     if r and r["steps"]:
@@ -162,6 +192,8 @@ for name in ["saturation", "durable"]:
             w("| %g | %.0f | %.0f | %s | %.2f | %s |" % (s["rate"], s["acked_per_sec"], s["deliveries_per_sec"], fmt(s["p99_ms"]),
                                                     s["gateway_cpu_seconds"], fmt(s["deliveries_per_cpu_second"], 0)))
         w("")
+    if name == "saturation":
+        profile_section()
 sio_idle, sio_fanout = load("socketio-idle"), load("socketio-fanout")
 if sio_idle or sio_fanout:
     ours_idle, ours_fanout = load("idle"), load("fanout")
