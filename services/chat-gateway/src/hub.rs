@@ -15,6 +15,7 @@ use crate::bus::{Bus, BusEvent, BusListener, decode};
 use crate::clock;
 use crate::queue;
 use crate::store::Store;
+use crate::telemetry::hot;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use chat_protocol::{RoomName, ServerFrame, StoredMessage, Username};
@@ -575,10 +576,10 @@ impl RoomTask {
             delivered += u64::from(ok);
             ok || !sub.outbox.fanout.is_closed()
         });
-        metrics::counter!("chat_messages_delivered_total").increment(delivered);
+        hot::MESSAGES_DELIVERED.increment(delivered);
         // Once per message per gateway: commit -> queued to every local socket.
         let latency_us = clock::unix_us().saturating_sub(committed_us);
-        metrics::histogram!("chat_fanout_latency_seconds").record(latency_us as f64 / 1e6);
+        hot::FANOUT_LATENCY_SECONDS.record(latency_us as f64 / 1e6);
         if self.ring.len() == RING {
             self.ring.pop_front();
         }

@@ -12,6 +12,7 @@ use crate::error::Failure;
 use crate::hub::{Attach, Outbox, RoomRef, encode_message};
 use crate::queue;
 use crate::store::NewMessage;
+use crate::telemetry::hot;
 use axum::extract::ws::Utf8Bytes;
 use chat_protocol::frames::Ref;
 use chat_protocol::{
@@ -121,7 +122,7 @@ impl Session {
                     .await;
             }
         };
-        metrics::counter!("chat_frames_received_total", "type" => frame.kind()).increment(1);
+        hot::frame_received(frame.kind());
         let limiter = match frame {
             ClientFrame::Send { .. } | ClientFrame::Typing { .. } => Some(&self.message_limit),
             ClientFrame::Ping => None,
@@ -372,11 +373,11 @@ impl Session {
             client_id: message.client_id.clone(),
         };
         self.send(sent, reference).await?;
-        metrics::histogram!("chat_send_ack_seconds").record(started.elapsed());
+        hot::SEND_ACK_SECONDS.record(started.elapsed());
         if committed.duplicate {
             return Ok(());
         }
-        metrics::counter!("chat_messages_committed_total").increment(1);
+        hot::MESSAGES_COMMITTED.increment(1);
         let frame = encode_message(&message);
         let committed_us = clock::unix_us();
         let event =

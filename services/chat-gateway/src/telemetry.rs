@@ -280,3 +280,52 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Handles of the metrics recorded for every frame or message, looked up once. The `counter!`
+/// and `histogram!` macros find their key in the registry (hashing it, allocating for labels)
+/// on every call: one such lookup per flush was 1.4 % of the gateway's CPU in the fanout
+/// benchmark, and a published message made six. Each handle is made on first use, after
+/// `metrics_handle` has installed the recorder, so it is never bound to the no-op one.
+pub(crate) mod hot {
+    use chat_protocol::frames::CLIENT_FRAME_TYPES;
+    use metrics::{Counter, Histogram};
+    use std::sync::LazyLock;
+
+    fn counter(name: &'static str) -> Counter {
+        super::metrics_handle();
+        metrics::counter!(name)
+    }
+
+    fn histogram(name: &'static str) -> Histogram {
+        super::metrics_handle();
+        metrics::histogram!(name)
+    }
+
+    pub static FRAMES_WRITTEN: LazyLock<Counter> =
+        LazyLock::new(|| counter("chat_frames_written_total"));
+    pub static MESSAGES_COMMITTED: LazyLock<Counter> =
+        LazyLock::new(|| counter("chat_messages_committed_total"));
+    pub static MESSAGES_DELIVERED: LazyLock<Counter> =
+        LazyLock::new(|| counter("chat_messages_delivered_total"));
+    pub static SEND_ACK_SECONDS: LazyLock<Histogram> =
+        LazyLock::new(|| histogram("chat_send_ack_seconds"));
+    pub static FANOUT_LATENCY_SECONDS: LazyLock<Histogram> =
+        LazyLock::new(|| histogram("chat_fanout_latency_seconds"));
+    pub static STORE_QUERY_SECONDS: LazyLock<Histogram> =
+        LazyLock::new(|| histogram("chat_store_query_duration_seconds"));
+    pub static COMMIT_BATCH_MESSAGES: LazyLock<Histogram> =
+        LazyLock::new(|| histogram("chat_store_commit_batch_messages"));
+
+    static FRAMES_RECEIVED: LazyLock<[Counter; CLIENT_FRAME_TYPES.len()]> = LazyLock::new(|| {
+        super::metrics_handle();
+        CLIENT_FRAME_TYPES
+            .map(|kind| metrics::counter!("chat_frames_received_total", "type" => kind))
+    });
+
+    /// `chat_frames_received_total` for a valid client frame of this `type`.
+    pub fn frame_received(kind: &str) {
+        if let Some(i) = CLIENT_FRAME_TYPES.iter().position(|k| *k == kind) {
+            FRAMES_RECEIVED[i].increment(1);
+        }
+    }
+}

@@ -7,6 +7,7 @@ use crate::error::Failure;
 use crate::hub::Outbox;
 use crate::queue;
 use crate::session::{Gone, Session};
+use crate::telemetry::hot;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +19,6 @@ use chat_protocol::{
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -37,12 +37,6 @@ const WRITE_BUFFER: usize = 4096;
 const LINGER: Duration = Duration::from_secs(1);
 /// A socket that does not take a flush within this time is treated as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Looked up once instead of on every flush, where the registry lookup (hashing the key) was
-/// about 1.4 % of the gateway's CPU in the fanout benchmark. First used by a connection, so
-/// after `Application::build` has installed the recorder.
-static FRAMES_WRITTEN: LazyLock<metrics::Counter> =
-    LazyLock::new(|| metrics::counter!("chat_frames_written_total"));
 
 pub async fn upgrade(State(ctx): State<SharedContext>, ws: WebSocketUpgrade) -> Response {
     if ctx.draining.is_cancelled() {
@@ -491,7 +485,7 @@ impl Link {
                 Poll::Ready(flushed) => flushed?,
                 Poll::Pending => return Ok(()),
             }
-            FRAMES_WRITTEN.increment(self.texts);
+            hot::FRAMES_WRITTEN.increment(self.texts);
             self.flushing = false;
             self.fed = 0;
             self.texts = 0;

@@ -104,7 +104,7 @@ where
     C: Fn(Arc<Vec<NewMessage>>) -> F,
     F: Future<Output = BatchOutcome>,
 {
-    metrics::histogram!("chat_store_commit_batch_messages").record(batch.len() as f64);
+    crate::telemetry::hot::COMMIT_BATCH_MESSAGES.record(batch.len() as f64);
     // For each pending append: the message (an index into `unique`) whose result answers it,
     // and whether it is a resend of that message.
     let mut answered_by = Vec::with_capacity(batch.len());

@@ -101,7 +101,7 @@ pub(crate) async fn with_deadline<T>(
             deadline.as_millis()
         ))),
     };
-    metrics::histogram!("chat_store_query_duration_seconds").record(started.elapsed());
+    crate::telemetry::hot::STORE_QUERY_SECONDS.record(started.elapsed());
     if outcome.is_err() {
         metrics::counter!("chat_store_errors_total").increment(1);
     }
