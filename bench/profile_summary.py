@@ -79,8 +79,8 @@ def categorize(frames):
         for prefixes, name in COMPONENTS:
             if path.startswith(prefixes):
                 return name
-        # The first frame that is not the standard library decides, even if unknown.
-        if "::" in path or path.startswith(("mi_", "_mi_")):
+        # The first Rust frame that is not the standard library decides, even if unknown.
+        if "::" in path:
             return OTHER_USER
     return OTHER_USER
 
@@ -92,7 +92,7 @@ def leaf_name(frame):
 def main():
     folded, load_path = sys.argv[1], sys.argv[2]
     by_category, by_leaf = Counter(), Counter()
-    total = kernel = stacks = 0
+    total = kernel = 0
     with open(folded) as f:
         for line in f:
             stack, _, weight = line.rstrip("\n").rpartition(" ")
@@ -102,7 +102,6 @@ def main():
             frames = stack.split(";")[1:]  # the first is the thread's name
             if not frames:
                 continue
-            stacks += 1
             total += weight
             kernel += weight if frames[-1].endswith("_[k]") else 0
             by_category[categorize(frames)] += weight

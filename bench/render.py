@@ -151,6 +151,8 @@ if r:
         "ratio %.6f, %d reconnects, all back after %s s" % (r["deliveries"]["ratio"], r["connections"]["reconnects"], fmt(rec)),
         ok(r["deliveries"]["ratio"] == 1.0 and rec is not None))
 w("")
+
+
 def profile_section():
     """Where the gateway's CPU goes under the saturation load (scripts/bench profile)."""
     prof = load("profile")
