@@ -128,3 +128,86 @@ async fn concurrent_appends_from_two_replicas_get_gapless_seqs_and_resends_are_s
     }
     assert_eq!(total, 400);
 }
+
+/// A new deployment starts with empty tables, and the append is planned once per connection.
+/// Postgres would read a small table whole, and keep that plan until its next `ANALYZE`; the
+/// append must find rooms and resends through their indexes from the first message on, or
+/// every batch reads the history written so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_to_a_new_database_never_read_the_whole_history() {
+    let url = shared_postgres().create_database();
+    let limits = CommitLimits {
+        max_batch: 64,
+        in_flight: 2,
+    };
+    let store = store(&url, limits).await;
+    let rooms: Vec<String> = (0..20).map(|r| format!("room{r}")).collect();
+    for room in &rooms {
+        store
+            .ensure_room(&RoomName::parse(room).unwrap())
+            .await
+            .unwrap();
+    }
+    // Rounds of 1 to 120 appends at once: batches of every size, each round with a resend of a
+    // message of the round before.
+    let mut stored = 0u64;
+    for round in 1..=12usize {
+        let count = round * 10;
+        let mut sends: Vec<NewMessage> = (0..count)
+            .map(|i| {
+                let room = &rooms[(round + i) % rooms.len()];
+                let id = format!("r{round}-{i}");
+                message(room, "writer", format!("message {id}"), Some(id))
+            })
+            .collect();
+        if round > 1 {
+            let id = format!("r{}-0", round - 1);
+            let room = &rooms[(round - 1) % rooms.len()];
+            sends.push(message(room, "writer", format!("message {id}"), Some(id)));
+        }
+        let outcomes = join_all(sends.iter().map(|m| store.append(m))).await;
+        for outcome in outcomes {
+            let committed = outcome.expect("every append commits");
+            stored += u64::from(!committed.duplicate);
+        }
+    }
+    assert_eq!(stored, (1..=12).map(|r| r * 10).sum::<u64>());
+
+    // A backend reports its table statistics when it exits: close the store's connections and
+    // wait for them to be gone.
+    drop(store);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("a plain connection");
+    tokio::spawn(connection);
+    let others = "SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND backend_type = 'client backend'
+          AND pid <> pg_backend_pid()";
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while client
+            .query_one(others, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the store's connections close within 20 s of dropping it");
+    // (Creating the table's indexes read it whole too, while it was empty: hence rows read,
+    // not scans counted.)
+    let stats = "SELECT n_tup_ins, seq_tup_read, idx_scan FROM pg_stat_user_tables
+        WHERE relname = $1";
+    let row = client.query_one(stats, &[&"messages"]).await.unwrap();
+    let (inserted, read_whole, index_scans): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(inserted as u64, stored, "the statistics count every insert");
+    assert!(index_scans > 0, "resends are looked up by index");
+    assert_eq!(read_whole, 0, "rows of `messages` read by sequential scans");
+    let rooms_read_whole: i64 = client.query_one(stats, &[&"rooms"]).await.unwrap().get(1);
+    assert_eq!(
+        rooms_read_whole, 0,
+        "rows of `rooms` read by sequential scans"
+    );
+}
