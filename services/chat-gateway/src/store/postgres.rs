@@ -196,9 +196,9 @@ const APPEND_BATCH: &str = "
 
 /// Opens an append transaction. Its two statements are planned once per connection (a generic
 /// plan) instead of for every batch: for batches of a few messages, planning anew was about a
-/// third of Postgres's CPU time per transaction. A generic plan cannot see the batch's size or how big the
-/// tables are, and one made while they are small (a new deployment, a benchmark's first
-/// minute) would scan them until the next `ANALYZE`; with sequential scans off, the plan
+/// third of Postgres's CPU time per transaction. A generic plan cannot see the batch's size or
+/// how big the tables are, and one made while they are small (a new deployment, a benchmark's
+/// first minute) would scan them until the next `ANALYZE`; with sequential scans off, the plan
 /// finds every room and resend through its primary or idempotency index, which is the right
 /// plan at any size. `SET LOCAL` keeps both settings to this transaction (and behind a
 /// transaction-pooling proxy).
