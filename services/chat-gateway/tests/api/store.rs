@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use secrecy::SecretString;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 async fn store(url: &str, limits: CommitLimits) -> Arc<PostgresStore> {
     let store = PostgresStore::connect(
@@ -176,36 +176,35 @@ async fn appends_to_a_new_database_never_read_the_whole_history() {
     // A backend reports its table statistics when it exits: close the store's connections and
     // wait for them to be gone.
     drop(store);
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .expect("a plain connection");
-    tokio::spawn(connection);
+    let postgres = shared_postgres();
     let others = "SELECT count(*) FROM pg_stat_activity
         WHERE datname = current_database() AND backend_type = 'client backend'
           AND pid <> pg_backend_pid()";
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while client
-            .query_one(others, &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            > 0
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the store's connections close within 20 s of dropping it");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while postgres.psql(&url, others) != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the store's connections close within 20 s of dropping it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // (Creating the table's indexes read it whole too, while it was empty: hence rows read,
     // not scans counted.)
-    let stats = "SELECT n_tup_ins, seq_tup_read, idx_scan FROM pg_stat_user_tables
-        WHERE relname = $1";
-    let row = client.query_one(stats, &[&"messages"]).await.unwrap();
-    let (inserted, read_whole, index_scans): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let stats = |table: &str| -> Vec<i64> {
+        let sql = format!(
+            "SELECT n_tup_ins, seq_tup_read, idx_scan FROM pg_stat_user_tables
+            WHERE relname = '{table}'"
+        );
+        let row = postgres.psql(&url, &sql);
+        row.split('|').map(|n| n.parse().unwrap()).collect()
+    };
+    let [inserted, read_whole, index_scans] = stats("messages")[..] else {
+        panic!("no statistics for `messages`");
+    };
     assert_eq!(inserted as u64, stored, "the statistics count every insert");
     assert!(index_scans > 0, "resends are looked up by index");
     assert_eq!(read_whole, 0, "rows of `messages` read by sequential scans");
-    let rooms_read_whole: i64 = client.query_one(stats, &[&"rooms"]).await.unwrap().get(1);
+    let rooms_read_whole = stats("rooms")[1];
     assert_eq!(
         rooms_read_whole, 0,
         "rows of `rooms` read by sequential scans"
