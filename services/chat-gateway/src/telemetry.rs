@@ -97,6 +97,7 @@ pub fn register_series(gateway: &str) {
         "chat_bus_events_unreadable_total",
         "chat_store_errors_total",
         "chat_store_connections_discarded_total",
+        "chat_store_resend_batches_total",
     ];
     for name in counters {
         metrics::counter!(name).absolute(0);
@@ -244,6 +245,10 @@ fn describe() {
     describe_counter!(
         "chat_store_connections_discarded_total",
         "pooled connections dropped after a deadline"
+    );
+    describe_counter!(
+        "chat_store_resend_batches_total",
+        "append batches committed again because they held a resend"
     );
     describe_gauge!("chat_db_pool_max_connections", "Postgres pool size limit");
     describe_gauge!("chat_db_pool_connections", "Postgres connections open");

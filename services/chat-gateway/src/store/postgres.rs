@@ -100,12 +100,15 @@ impl PostgresStore {
                     .await
                     .map_err(pg_error)?;
                 let current: i64 = row.get(0);
-                for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+                for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+                    let version = migration.version;
                     let tx = client.transaction().await.map_err(pg_error)?;
-                    tx.batch_execute(sql).await.map_err(pg_error)?;
+                    tx.batch_execute(migration.postgres)
+                        .await
+                        .map_err(pg_error)?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                        &[version, &unix_ms()],
+                        &[&version, &unix_ms()],
                     )
                     .await
                     .map_err(pg_error)?;
@@ -150,18 +153,45 @@ async fn on_connection<T>(
 }
 
 /// Locks the rooms of a batch in name order, so that two transactions sharing rooms queue
-/// behind each other instead of deadlocking. It also makes the idempotency check below exact:
+/// behind each other instead of deadlocking. It also makes the resend lookup of `APPEND_WITH_RESENDS` exact:
 /// an earlier message with the same client id committed before this lock was granted, so the
 /// next statement's snapshot sees it.
 const LOCK_ROOMS: &str =
     "SELECT 1 FROM rooms WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE";
 
-/// Appends a batch in one statement: resends (same room, sender and client id as a stored
-/// message) return the stored message; the others take consecutive seqs per room, in batch
-/// order, with one `UPDATE` per room. A message for a room that does not exist returns no row.
-/// The resend lookup is a `LATERAL … LIMIT 1` so that, with sequential scans off (see
-/// `BEGIN_APPEND`), it can only be one index probe per message, never a scan of `messages`.
-const APPEND_BATCH: &str = "
+/// Appends a batch that holds no resend, in one statement: the messages take consecutive seqs
+/// per room, in batch order, with one `UPDATE` per room; a message for a room that does not
+/// exist returns no row. A resend (same room, sender and client id as a stored message) breaks
+/// the idempotency index, which aborts the transaction, and the batch is committed again with
+/// `APPEND_WITH_RESENDS`. Resends are rare (a client resends what was not acked before it
+/// reconnected), and looking every message up first cost a third of Postgres's CPU time per
+/// message.
+const APPEND_FRESH: &str = "
+    WITH input AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+            WITH ORDINALITY AS t(room, sender, body, client_id, ord)
+    ), counts AS (
+        SELECT room, count(*) AS n FROM input GROUP BY room
+    ), bumped AS (
+        UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+        FROM counts WHERE rooms.name = counts.room
+        RETURNING rooms.name, rooms.last_seq - counts.n AS base
+    ), numbered AS (
+        SELECT i.ord, i.room, i.sender, i.body, i.client_id,
+               b.base + row_number() OVER (PARTITION BY i.room ORDER BY i.ord) AS seq,
+               (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts
+        FROM input i JOIN bumped b ON b.name = i.room
+    ), inserted AS (
+        INSERT INTO messages (room, seq, sender, body, ts, client_id)
+        SELECT room, seq, sender, body, ts, client_id FROM numbered
+    )
+    SELECT ord, seq, ts, NULL::text, false FROM numbered";
+
+/// `APPEND_FRESH` for a batch that holds a resend: resends return the stored message, and
+/// only the others are numbered and stored. The resend lookup is a `LATERAL … LIMIT 1` so
+/// that, with sequential scans off (see `BEGIN_APPEND`), it can only be one index probe per
+/// message, never a scan of `messages`.
+const APPEND_WITH_RESENDS: &str = "
     WITH input AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
             WITH ORDINALITY AS t(room, sender, body, client_id, ord)
@@ -194,7 +224,7 @@ const APPEND_BATCH: &str = "
     UNION ALL
     SELECT ord, seq, ts, body, true FROM dup";
 
-/// Opens an append transaction. Its two statements are planned once per connection (a generic
+/// Opens an append transaction. Its statements are planned once per connection (a generic
 /// plan) instead of for every batch: for batches of a few messages, planning anew was about a
 /// third of Postgres's CPU time per transaction. A generic plan cannot see the batch's size or
 /// how big the tables are, and one made while they are small (a new deployment, a benchmark's
@@ -236,23 +266,14 @@ async fn write_batch(
     locked.sort_unstable();
     locked.dedup();
 
-    let lock = client.prepare_cached(LOCK_ROOMS).await?;
-    let append = client.prepare_cached(APPEND_BATCH).await?;
-    let lock_params: [&(dyn ToSql + Sync); 1] = [&locked];
     let append_params: [&(dyn ToSql + Sync); 4] = [&rooms, &senders, &bodies, &client_ids];
-    // The whole transaction goes out in one write and costs one round trip: the server runs
-    // the statements in order. If one fails, the transaction is aborted and COMMIT rolls it
-    // back, so the connection always ends outside a transaction.
-    let (begin, locking, rows, commit) = tokio::join!(
-        client.batch_execute(BEGIN_APPEND),
-        client.execute(&lock, &lock_params),
-        client.query(&append, &append_params),
-        client.batch_execute("COMMIT"),
-    );
-    begin?;
-    locking?;
-    let rows = rows?;
-    commit?;
+    let rows = match append_in_transaction(client, APPEND_FRESH, &locked, &append_params).await {
+        Err(e) if is_resend(&e) => {
+            metrics::counter!("chat_store_resend_batches_total").increment(1);
+            append_in_transaction(client, APPEND_WITH_RESENDS, &locked, &append_params).await?
+        }
+        outcome => outcome?,
+    };
 
     let mut results: Vec<Result<Committed, StoreError>> =
         vec![Err(StoreError::NotFound("no such room")); batch.len()];
@@ -278,6 +299,40 @@ async fn write_batch(
         });
     }
     Ok(results)
+}
+
+/// Runs one append statement in its own transaction, after locking the batch's rooms.
+async fn append_in_transaction(
+    client: &deadpool_postgres::Object,
+    statement: &str,
+    locked: &[&str],
+    append_params: &[&(dyn ToSql + Sync); 4],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let lock = client.prepare_cached(LOCK_ROOMS).await?;
+    let append = client.prepare_cached(statement).await?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&locked];
+    // The whole transaction goes out in one write and costs one round trip: the server runs
+    // the statements in order. If one fails, the transaction is aborted and COMMIT rolls it
+    // back, so the connection always ends outside a transaction.
+    let (begin, locking, rows, commit) = tokio::join!(
+        client.batch_execute(BEGIN_APPEND),
+        client.execute(&lock, &lock_params),
+        client.query(&append, append_params),
+        client.batch_execute("COMMIT"),
+    );
+    begin?;
+    locking?;
+    let rows = rows?;
+    commit?;
+    Ok(rows)
+}
+
+/// Whether an append failed because the batch holds a resend: the idempotency index refused
+/// a second message with the same room, sender and client id.
+fn is_resend(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("messages_idempotency")
+    })
 }
 
 /// A pooled connection that is thrown away instead of returned if the call using it is

@@ -68,12 +68,12 @@ impl SqliteStore {
                 |r| r.get(0),
             )
             .map_err(db_error)?;
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
             let tx = conn.transaction().map_err(db_error)?;
-            tx.execute_batch(sql).map_err(db_error)?;
+            tx.execute_batch(migration.sqlite).map_err(db_error)?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
-                params![version, unix_ms()],
+                params![migration.version, unix_ms()],
             )
             .map_err(db_error)?;
             tx.commit().map_err(db_error)?;
