@@ -153,6 +153,35 @@ if r:
 w("")
 
 
+def share(m, key):
+    return "%.1f %%" % (100 * m[key]) if m else "-"
+
+
+def machine_section():
+    """How busy the whole machine was during each run (the load generator reads /proc/stat)."""
+    names = ["idle", "fanout", "fanout-light", "many-rooms", "big-room", "saturation", "durable",
+             "reconnect-storm"]
+    runs = [(n, load(n)) for n in names]
+    runs = [(n, r) for n, r in runs if r and r.get("machine")]
+    if not runs:
+        return
+    w("### How busy the machine was")
+    w("")
+    w("The share of the cores' time that went to anything (the load generator, the fleet, the rest")
+    w("of the system) from the end of connecting to the end of each run, and the share the")
+    w("hypervisor took for other guests (`steal`), read from /proc/stat by the load generator.")
+    w("Past about 90 % busy, tasks queue for a core and the latency tail is mostly that wait.")
+    w("")
+    w("| scenario | busy | stolen |")
+    w("|---|---|---|")
+    for n, r in runs:
+        w("| %s | %s | %s |" % (n, share(r["machine"], "busy_share"), share(r["machine"], "steal_share")))
+    w("")
+
+
+machine_section()
+
+
 def profile_section():
     """Where the gateway's CPU goes under the saturation load (scripts/bench profile)."""
     prof = load("profile")
@@ -188,11 +217,12 @@ for name in ["saturation", "durable"]:
     if r and r["steps"]:
         w("### %s steps" % name)
         w("")
-        w("| rate (msg/s) | acked/s | deliveries/s | e2e p99 (ms) | gateway CPU s | deliveries per CPU s |")
-        w("|---|---|---|---|---|---|")
+        w("| rate (msg/s) | acked/s | deliveries/s | e2e p99 (ms) | gateway CPU s | deliveries per CPU s | machine busy |")
+        w("|---|---|---|---|---|---|---|")
         for s in r["steps"]:
-            w("| %g | %.0f | %.0f | %s | %.2f | %s |" % (s["rate"], s["acked_per_sec"], s["deliveries_per_sec"], fmt(s["p99_ms"]),
-                                                    s["gateway_cpu_seconds"], fmt(s["deliveries_per_cpu_second"], 0)))
+            w("| %g | %.0f | %.0f | %s | %.2f | %s | %s |" % (s["rate"], s["acked_per_sec"], s["deliveries_per_sec"], fmt(s["p99_ms"]),
+                                                    s["gateway_cpu_seconds"], fmt(s["deliveries_per_cpu_second"], 0),
+                                                    share(s.get("machine"), "busy_share")))
         w("")
     if name == "saturation":
         profile_section()

@@ -300,6 +300,8 @@ pub struct Outcome {
     pub idle_bytes_per_connection: Option<f64>,
     pub recovery_seconds: Option<f64>,
     pub steps: Vec<report::Step>,
+    /// How busy the whole machine was from the end of connecting to the end of the run.
+    pub machine: Option<procstat::MachineUse>,
 }
 
 async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
@@ -512,6 +514,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                     .then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
                 gateway_cpu_seconds: cpu,
                 deliveries_per_cpu_second: (cpu > 0.0).then(|| deliveries as f64 / cpu),
+                machine: to_proc.machine.since(&from_proc.machine),
             }
         })
         .collect();
@@ -554,6 +557,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         idle_bytes_per_connection,
         recovery_seconds,
         steps,
+        machine: end.machine.since(&connected_at.machine),
         plan,
     })
 }

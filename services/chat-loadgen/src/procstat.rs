@@ -1,4 +1,5 @@
-//! CPU seconds and resident memory of the gateway processes, read from /proc.
+//! CPU seconds and resident memory of the gateway processes, and how busy the whole machine
+//! was, read from /proc.
 
 use std::path::Path;
 
@@ -6,15 +7,76 @@ use std::path::Path;
 /// the kernel ships).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    pub machine: MachineTicks,
 }
 
-/// The sum over `pids` (processes that are gone count as zero).
+/// The whole machine's CPU time so far, summed over its cores, in ticks (the first line of
+/// /proc/stat). On a virtual machine `steal` is time a core was ready to run but the
+/// hypervisor ran something else.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineTicks {
+    pub cores: usize,
+    /// user, nice, system, irq and softirq (guest time is inside user).
+    pub busy: u64,
+    /// idle and iowait.
+    pub idle: u64,
+    pub steal: u64,
+}
+
+/// How busy the machine was between two samples, as shares of all its cores' time.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MachineUse {
+    pub cores: usize,
+    pub busy_share: f64,
+    pub steal_share: f64,
+}
+
+impl MachineTicks {
+    /// `None` when /proc/stat could not be read or no time passed.
+    pub fn since(&self, earlier: &MachineTicks) -> Option<MachineUse> {
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        let idle = self.idle.checked_sub(earlier.idle)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        let total = busy + idle + steal;
+        (total > 0 && self.cores > 0).then(|| MachineUse {
+            cores: self.cores,
+            busy_share: busy as f64 / total as f64,
+            steal_share: steal as f64 / total as f64,
+        })
+    }
+}
+
+/// Parses /proc/stat (all zeros when it cannot be read).
+fn machine_ticks(stat: &str) -> MachineTicks {
+    let mut ticks = MachineTicks::default();
+    for line in stat.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("cpu") => {
+                let v: Vec<u64> = fields.map(|f| f.parse().unwrap_or(0)).collect();
+                let at = |i: usize| v.get(i).copied().unwrap_or(0);
+                // user nice system idle iowait irq softirq steal (guest, guest_nice).
+                ticks.busy = at(0) + at(1) + at(2) + at(5) + at(6);
+                ticks.idle = at(3) + at(4);
+                ticks.steal = at(7);
+            }
+            Some(cpu) if cpu.starts_with("cpu") => ticks.cores += 1,
+            _ => {}
+        }
+    }
+    ticks
+}
+
+/// The sum over `pids` (processes that are gone count as zero), and the machine's ticks.
 pub fn sample(pids: &[u32]) -> Sample {
-    let mut total = Sample::default();
+    let mut total = Sample {
+        machine: machine_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default()),
+        ..Sample::default()
+    };
     for pid in pids {
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             // Fields after the command name (which may hold spaces, inside parentheses).
@@ -54,9 +116,44 @@ pub fn cluster_pids(state: &Path) -> anyhow::Result<Vec<u32>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn reads_this_process() {
-        let s = super::sample(&[std::process::id()]);
+    fn reads_this_process_and_the_machine() {
+        let s = sample(&[std::process::id()]);
         assert!(s.rss_bytes > 0);
+        assert!(
+            s.machine.cores >= 1 && s.machine.busy > 0,
+            "{:?}",
+            s.machine
+        );
+    }
+
+    #[test]
+    fn machine_use_is_shares_of_every_core_s_time() {
+        let before = machine_ticks(
+            "cpu  100 0 50 800 10 5 5 30 0 0\ncpu0 50 0 25 400 5 3 2 15 0 0\n\
+             cpu1 50 0 25 400 5 2 3 15 0 0\nintr 1 2 3\n",
+        );
+        assert_eq!(before.cores, 2);
+        assert_eq!((before.busy, before.idle, before.steal), (160, 810, 30));
+        // 200 ticks later (1 s on two cores): 150 busy, 40 idle, 10 stolen.
+        let after = MachineTicks {
+            busy: 310,
+            idle: 850,
+            steal: 40,
+            ..before
+        };
+        let used = after.since(&before).unwrap();
+        assert_eq!(used.cores, 2);
+        assert!((used.busy_share - 0.75).abs() < 1e-9);
+        assert!((used.steal_share - 0.05).abs() < 1e-9);
+        assert!(
+            before.since(&after).is_none(),
+            "time does not run backwards"
+        );
+        assert!(before.since(&before).is_none(), "no time passed");
+        let unreadable = machine_ticks("");
+        assert!(unreadable.since(&unreadable).is_none());
     }
 }

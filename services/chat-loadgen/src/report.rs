@@ -53,6 +53,7 @@ pub struct Step {
     pub p99_ms: Option<f64>,
     pub gateway_cpu_seconds: f64,
     pub deliveries_per_cpu_second: Option<f64>,
+    pub machine: Option<crate::procstat::MachineUse>,
 }
 
 #[derive(Serialize)]
@@ -70,6 +71,9 @@ struct Json<'a> {
     recovery_seconds: Option<f64>,
     steps: &'a [Step],
     per_second: &'a [Second],
+    /// The whole machine (the load generator, the fleet and anything else on it), from the end
+    /// of connecting to the end of the run.
+    machine: Option<crate::procstat::MachineUse>,
 }
 
 pub fn print(o: &Outcome, json: bool) {
@@ -89,6 +93,7 @@ pub fn print(o: &Outcome, json: bool) {
             recovery_seconds: o.recovery_seconds,
             steps: &o.steps,
             per_second: &o.per_second,
+            machine: o.machine,
         };
         println!(
             "{}",
@@ -140,6 +145,14 @@ pub fn print(o: &Outcome, json: bool) {
                 .unwrap_or_default()
         );
     }
+    if let Some(m) = o.machine {
+        println!(
+            "machine: {} cores, {:.0} % busy, {:.1} % stolen by the hypervisor (everything on it, from connected to the end)",
+            m.cores,
+            100.0 * m.busy_share,
+            100.0 * m.steal_share
+        );
+    }
     if let Some(bytes) = o.idle_bytes_per_connection {
         println!(
             "idle: {:.1} KiB of gateway RSS per connection",
@@ -151,7 +164,7 @@ pub fn print(o: &Outcome, json: bool) {
     }
     for s in &o.steps {
         println!(
-            "step {:>8.0} msg/s: {:>7.0} acked/s, {:>9.0} deliveries/s, p99 {}, {:.2} CPU s{}",
+            "step {:>8.0} msg/s: {:>7.0} acked/s, {:>9.0} deliveries/s, p99 {}, {:.2} CPU s{}{}",
             s.rate,
             s.acked_per_sec,
             s.deliveries_per_sec,
@@ -159,6 +172,9 @@ pub fn print(o: &Outcome, json: bool) {
             s.gateway_cpu_seconds,
             s.deliveries_per_cpu_second
                 .map(|v| format!(", {v:.0} deliveries/CPU s"))
+                .unwrap_or_default(),
+            s.machine
+                .map(|m| format!(", machine {:.0} % busy", 100.0 * m.busy_share))
                 .unwrap_or_default()
         );
     }

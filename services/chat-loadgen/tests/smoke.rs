@@ -38,6 +38,11 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let acked = common::assert_every_message_delivered(&report);
     assert!(report["e2e_latency"]["samples"].as_u64().unwrap() >= acked * 21);
     assert!(report["gateway"]["rss_bytes_end"].as_u64().unwrap() > 0);
+    // The machine was busy running this very test: its share is a fraction above zero.
+    let machine = &report["machine"];
+    let busy = machine["busy_share"].as_f64().unwrap();
+    assert!(busy > 0.0 && busy <= 1.0, "{machine}");
+    assert!(machine["cores"].as_u64().unwrap() >= 1, "{machine}");
     let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("polyline"),
