@@ -153,59 +153,32 @@ async fn on_connection<T>(
 }
 
 /// Locks the rooms of a batch in name order, so that two transactions sharing rooms queue
-/// behind each other instead of deadlocking. It also makes the resend lookup of `APPEND_WITH_RESENDS` exact:
-/// an earlier message with the same client id committed before this lock was granted, so the
-/// next statement's snapshot sees it.
+/// behind each other instead of deadlocking. It also makes the resend lookup of
+/// `APPEND_WITH_RESENDS` exact: an earlier message with the same client id committed before
+/// this lock was granted, so the next statement's snapshot sees it.
 const LOCK_ROOMS: &str =
     "SELECT 1 FROM rooms WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE";
 
-/// Appends a batch that holds no resend, in one statement: the messages take consecutive seqs
-/// per room, in batch order, with one `UPDATE` per room; a message for a room that does not
-/// exist returns no row. A resend (same room, sender and client id as a stored message) breaks
-/// the idempotency index, which aborts the transaction, and the batch is committed again with
-/// `APPEND_WITH_RESENDS`. Resends are rare (a client resends what was not acked before it
-/// reconnected), and looking every message up first cost a third of Postgres's CPU time per
-/// message.
-const APPEND_FRESH: &str = "
-    WITH input AS (
+/// A CTE named `$name` holding the batch's bound columns, with `ord` counting from 1 in batch
+/// order. (A macro rather than a `const` so that `concat!` can build both statements from it.)
+macro_rules! batch_cte {
+    ($name:literal) => {
+        concat!(
+            $name,
+            " AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
             WITH ORDINALITY AS t(room, sender, body, client_id, ord)
-    ), counts AS (
-        SELECT room, count(*) AS n FROM input GROUP BY room
-    ), bumped AS (
-        UPDATE rooms SET last_seq = rooms.last_seq + counts.n
-        FROM counts WHERE rooms.name = counts.room
-        RETURNING rooms.name, rooms.last_seq - counts.n AS base
-    ), numbered AS (
-        SELECT i.ord, i.room, i.sender, i.body, i.client_id,
-               b.base + row_number() OVER (PARTITION BY i.room ORDER BY i.ord) AS seq,
-               (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts
-        FROM input i JOIN bumped b ON b.name = i.room
-    ), inserted AS (
-        INSERT INTO messages (room, seq, sender, body, ts, client_id)
-        SELECT room, seq, sender, body, ts, client_id FROM numbered
-    )
-    SELECT ord, seq, ts, NULL::text, false FROM numbered";
+    )"
+        )
+    };
+}
 
-/// `APPEND_FRESH` for a batch that holds a resend: resends return the stored message, and
-/// only the others are numbered and stored. The resend lookup is a `LATERAL … LIMIT 1` so
-/// that, with sequential scans off (see `BEGIN_APPEND`), it can only be one index probe per
-/// message, never a scan of `messages`.
-const APPEND_WITH_RESENDS: &str = "
-    WITH input AS (
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-            WITH ORDINALITY AS t(room, sender, body, client_id, ord)
-    ), dup AS (
-        SELECT i.ord, m.seq, m.ts, m.body
-        FROM input i
-        CROSS JOIN LATERAL (
-            SELECT m.seq, m.ts, m.body FROM messages m
-            WHERE m.room = i.room AND m.sender = i.sender AND m.client_id = i.client_id
-            LIMIT 1
-        ) m
-    ), fresh AS (
-        SELECT i.* FROM input i WHERE NOT EXISTS (SELECT 1 FROM dup WHERE dup.ord = i.ord)
-    ), counts AS (
+/// The rest of both append statements: the messages of the CTE `fresh` take consecutive seqs
+/// per room, in batch order, with one `UPDATE` per room, and are inserted; each returns
+/// `(ord, seq, ts, NULL, false)`. A message for a room that does not exist returns no row.
+macro_rules! number_and_insert_fresh {
+    () => {
+        "counts AS (
         SELECT room, count(*) AS n FROM fresh GROUP BY room
     ), bumped AS (
         UPDATE rooms SET last_seq = rooms.last_seq + counts.n
@@ -220,9 +193,45 @@ const APPEND_WITH_RESENDS: &str = "
         INSERT INTO messages (room, seq, sender, body, ts, client_id)
         SELECT room, seq, sender, body, ts, client_id FROM numbered
     )
-    SELECT ord, seq, ts, NULL::text, false FROM numbered
+    SELECT ord, seq, ts, NULL::text, false FROM numbered"
+    };
+}
+
+/// Appends a batch that holds no resend, in one statement. A resend (same room, sender and
+/// client id as a stored message) breaks the idempotency index, which aborts the transaction,
+/// and the batch is committed again with `APPEND_WITH_RESENDS`. Resends are rare (a client
+/// resends what was not acked before it reconnected), and looking every message up first cost
+/// a third of Postgres's CPU time per message.
+const APPEND_FRESH: &str = concat!(
+    "WITH ",
+    batch_cte!("fresh"),
+    ", ",
+    number_and_insert_fresh!()
+);
+
+/// `APPEND_FRESH` for a batch that holds a resend: resends return the stored message, and
+/// only the others are numbered and stored. The resend lookup is a `LATERAL … LIMIT 1` so
+/// that, with sequential scans off (see `BEGIN_APPEND`), it can only be one index probe per
+/// message, never a scan of `messages`.
+const APPEND_WITH_RESENDS: &str = concat!(
+    "WITH ",
+    batch_cte!("input"),
+    ", dup AS (
+        SELECT i.ord, m.seq, m.ts, m.body
+        FROM input i
+        CROSS JOIN LATERAL (
+            SELECT m.seq, m.ts, m.body FROM messages m
+            WHERE m.room = i.room AND m.sender = i.sender AND m.client_id = i.client_id
+            LIMIT 1
+        ) m
+    ), fresh AS (
+        SELECT i.* FROM input i WHERE NOT EXISTS (SELECT 1 FROM dup WHERE dup.ord = i.ord)
+    ), ",
+    number_and_insert_fresh!(),
+    "
     UNION ALL
-    SELECT ord, seq, ts, body, true FROM dup";
+    SELECT ord, seq, ts, body, true FROM dup"
+);
 
 /// Opens an append transaction. Its statements are planned once per connection (a generic
 /// plan) instead of for every batch: for batches of a few messages, planning anew was about a
