@@ -1,7 +1,8 @@
 //! `chat-loadgen`: opens many connections to a gateway (or through nginx), spreads them over
 //! rooms, publishes at a controlled rate, and measures what every receiver got: a delivery
 //! ratio that counts each missing or duplicated message, send-to-ack and end-to-end latency
-//! percentiles (HDR histograms), throughput, and the gateway processes' CPU and memory.
+//! percentiles (HDR histograms), throughput, the gateway processes' CPU and memory, and how
+//! busy the whole machine was.
 
 mod client;
 mod procstat;

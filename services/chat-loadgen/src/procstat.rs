@@ -17,7 +17,7 @@ pub struct Sample {
 /// The whole machine's CPU time so far, summed over its cores, in ticks (the first line of
 /// /proc/stat). On a virtual machine `steal` is time a core was ready to run but the
 /// hypervisor ran something else.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct MachineTicks {
     pub cores: usize,
     /// user, nice, system, irq and softirq (guest time is inside user).
