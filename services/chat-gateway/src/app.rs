@@ -24,8 +24,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Largest HTTP request body the API reads.
-const API_BODY_LIMIT: usize = 16 * 1024;
 /// How long start-up waits for the database before giving up.
 const STARTUP_WAIT: Duration = Duration::from_secs(60);
 
@@ -96,7 +94,8 @@ impl Application {
             gateway.clone(),
             store.clone(),
             bus.clone(),
-            4096,
+            settings.room_queue,
+            settings.store_timeout(),
             tasks.clone(),
         );
         let auth = Auth::new(
@@ -164,7 +163,8 @@ impl Application {
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .fallback(web::asset)
-            .layer(DefaultBodyLimit::max(API_BODY_LIMIT))
+            .method_not_allowed_fallback(http::method_not_allowed)
+            .layer(DefaultBodyLimit::max(ctx.settings.api_body_limit_bytes))
             .with_state(ctx)
     }
 

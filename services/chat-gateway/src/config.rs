@@ -3,6 +3,7 @@
 //! Every limit the gateway enforces is here, with its default, so that `--help` is the
 //! complete list of what an operator can tune.
 
+use chat_protocol::names::MAX_BODY_CHARS;
 use clap::{Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 use std::net::SocketAddr;
@@ -82,6 +83,32 @@ pub struct Settings {
     #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
+    /// Replies (answers to a connection's own frames, backlog pages) queued for one connection;
+    /// while it is full, the connection's next frame is not read.
+    #[arg(long, env = "CHAT_REPLY_QUEUE", default_value_t = 256)]
+    pub reply_queue: usize,
+
+    /// Milliseconds a socket may take to accept queued frames before it is treated as dead.
+    #[arg(long, env = "CHAT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    /// Events queued for one room's task on this replica; past this, the room drops them and
+    /// reads the store instead.
+    #[arg(long, env = "CHAT_ROOM_QUEUE", default_value_t = 4096)]
+    pub room_queue: usize,
+
+    /// Largest HTTP API request body (register, login), in bytes (larger: 413).
+    #[arg(long, env = "CHAT_API_BODY_LIMIT_BYTES", default_value_t = 16 * 1024)]
+    pub api_body_limit_bytes: usize,
+
+    /// Rooms `GET /api/rooms` lists at most.
+    #[arg(long, env = "CHAT_ROOMS_LIST_LIMIT", default_value_t = 500)]
+    pub rooms_list_limit: u32,
+
+    /// Milliseconds `/readyz` waits for the history store to answer before reporting 503.
+    #[arg(long, env = "CHAT_READY_TIMEOUT_MS", default_value_t = 2_000)]
+    pub ready_timeout_ms: u64,
+
     /// Rooms one connection may be joined to at once.
     #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
     pub max_rooms_per_connection: usize,
@@ -140,6 +167,11 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
+/// The smallest frame limit that admits every valid message: a body of `MAX_BODY_CHARS`
+/// characters, each up to 12 bytes as JSON (a character outside the BMP written as two
+/// `\uXXXX` escapes), and 1 KiB for the rest of the frame (room, client id, ref).
+pub const MIN_FRAME_BYTES: usize = MAX_BODY_CHARS * 12 + 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -191,8 +223,13 @@ impl Settings {
                     return err("CHAT_DATABASE_URL must start with postgres:// or postgresql://");
                 }
                 let redis_str = redis.expose_secret();
-                if !(redis_str.starts_with("redis://") || redis_str.starts_with("rediss://")) {
-                    return err("CHAT_REDIS_URL must start with redis:// or rediss://");
+                if redis_str.starts_with("rediss://") {
+                    return err(
+                        "CHAT_REDIS_URL: rediss:// (TLS) is not supported, because this build has no TLS; use redis:// on a private network",
+                    );
+                }
+                if !redis_str.starts_with("redis://") {
+                    return err("CHAT_REDIS_URL must start with redis://");
                 }
                 if self.jwt_secret.is_none() {
                     return err(
@@ -231,6 +268,15 @@ impl Settings {
             ("CHAT_FRAME_RATE_BURST", u64::from(self.frame_rate_burst)),
             ("CHAT_MAX_FRAME_BYTES", self.max_frame_bytes as u64),
             ("CHAT_OUTBOUND_QUEUE", self.outbound_queue as u64),
+            ("CHAT_REPLY_QUEUE", self.reply_queue as u64),
+            ("CHAT_WRITE_TIMEOUT_MS", self.write_timeout_ms),
+            ("CHAT_ROOM_QUEUE", self.room_queue as u64),
+            (
+                "CHAT_API_BODY_LIMIT_BYTES",
+                self.api_body_limit_bytes as u64,
+            ),
+            ("CHAT_ROOMS_LIST_LIMIT", u64::from(self.rooms_list_limit)),
+            ("CHAT_READY_TIMEOUT_MS", self.ready_timeout_ms),
             (
                 "CHAT_MAX_ROOMS_PER_CONNECTION",
                 self.max_rooms_per_connection as u64,
@@ -259,11 +305,10 @@ impl Settings {
                 self.db_commits_in_flight, self.db_pool_size
             ));
         }
-        if self.max_frame_bytes < 4096 {
-            return err(
-                "CHAT_MAX_FRAME_BYTES must be at least 4096 (a 4000-character message must fit)"
-                    .into(),
-            );
+        if self.max_frame_bytes < MIN_FRAME_BYTES {
+            return err(format!(
+                "CHAT_MAX_FRAME_BYTES must be at least {MIN_FRAME_BYTES}: a send frame with a {MAX_BODY_CHARS}-character body must fit however its client encodes it"
+            ));
         }
         if let Some(id) = &self.gateway_id {
             let ok = !id.is_empty()
@@ -312,6 +357,12 @@ impl Settings {
     }
     pub fn store_timeout(&self) -> Duration {
         Duration::from_millis(self.store_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_millis(self.ready_timeout_ms)
     }
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
@@ -384,14 +435,41 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.0.contains("CHAT_DATABASE_URL must start"), "{e}");
+        let e = parse(&[
+            "--database-url",
+            "postgres://x/y",
+            "--redis-url",
+            "rediss://r/",
+            "--jwt-secret",
+            &secret,
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(e.0.contains("rediss:// (TLS) is not supported"), "{e}");
     }
 
     #[test]
     fn zero_limits_and_bad_ids_are_refused() {
         let e = parse(&["--outbound-queue", "0"]).validate().unwrap_err();
         assert!(e.0.contains("CHAT_OUTBOUND_QUEUE"), "{e}");
-        let e = parse(&["--max-frame-bytes", "100"]).validate().unwrap_err();
+        // The frame limit's edge: the longest body, escaped character by character, fits.
+        let edge = MIN_FRAME_BYTES.to_string();
+        assert!(parse(&["--max-frame-bytes", &edge]).validate().is_ok());
+        let below = (MIN_FRAME_BYTES - 1).to_string();
+        let e = parse(&["--max-frame-bytes", &below])
+            .validate()
+            .unwrap_err();
         assert!(e.0.contains("CHAT_MAX_FRAME_BYTES"), "{e}");
+        let longest = serde_json::json!({
+            "type": "send",
+            "room": "r".repeat(64),
+            "body": "\u{1F600}".repeat(MAX_BODY_CHARS),
+            "client_id": "c".repeat(64),
+            "ref": u64::MAX,
+        })
+        .to_string()
+        .replace('\u{1F600}', "\\ud83d\\ude00");
+        assert!(longest.len() <= MIN_FRAME_BYTES, "{} bytes", longest.len());
         let e = parse(&["--gateway-id", "a b"]).validate().unwrap_err();
         assert!(e.0.contains("CHAT_GATEWAY_ID"), "{e}");
     }

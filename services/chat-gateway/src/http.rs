@@ -13,18 +13,20 @@ use chat_protocol::api::{
 };
 use chat_protocol::frames::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT};
 use chat_protocol::{ErrorCode, NameError, Password, RoomName, Username};
-use std::time::Duration;
-
-/// Rooms `GET /api/rooms` lists at most.
-const ROOMS_LIMIT: u32 = 500;
 
 fn bad_request(e: NameError) -> Failure {
     Failure::new(ErrorCode::BadRequest, e.to_string())
 }
 
 fn json_body(body: Result<Json<Credentials>, JsonRejection>) -> Result<Credentials, Failure> {
-    body.map(|Json(c)| c)
-        .map_err(|e| Failure::new(ErrorCode::BadRequest, e.body_text()))
+    body.map(|Json(c)| c).map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::TooLarge
+        } else {
+            ErrorCode::BadRequest
+        };
+        Failure::new(code, e.body_text())
+    })
 }
 
 pub async fn register(
@@ -82,7 +84,10 @@ pub async fn rooms(
     State(ctx): State<SharedContext>,
     AuthUser(user): AuthUser,
 ) -> Result<Json<RoomsResponse>, Failure> {
-    let rooms = ctx.store.rooms_for(&user, ROOMS_LIMIT).await?;
+    let rooms = ctx
+        .store
+        .rooms_for(&user, ctx.settings.rooms_list_limit)
+        .await?;
     Ok(Json(RoomsResponse { rooms }))
 }
 
@@ -124,6 +129,14 @@ pub async fn messages(
     }))
 }
 
+/// A known path asked with a method it does not take: the API's error body, not an empty 405.
+pub async fn method_not_allowed(method: axum::http::Method) -> Failure {
+    Failure::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on this path"),
+    )
+}
+
 pub async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -135,7 +148,7 @@ pub async fn readyz(State(ctx): State<SharedContext>) -> Response {
     } else if !ctx.bus.is_healthy() {
         Some("message bus unhealthy")
     } else {
-        let ping = tokio::time::timeout(Duration::from_secs(2), ctx.store.ping()).await;
+        let ping = tokio::time::timeout(ctx.settings.ready_timeout(), ctx.store.ping()).await;
         match ping {
             Ok(Ok(())) => None,
             _ => Some("history store unavailable"),

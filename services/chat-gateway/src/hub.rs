@@ -13,6 +13,7 @@
 
 use crate::bus::{Bus, BusEvent, BusListener, decode};
 use crate::clock;
+use crate::presence::Presence;
 use crate::queue;
 use crate::store::Store;
 use crate::telemetry::hot;
@@ -83,6 +84,8 @@ enum RoomCmd {
     },
     Detach {
         session: u64,
+        /// Told once the session is detached: no more of the room's events will reach it.
+        detached: Option<oneshot::Sender<()>>,
     },
     Ready {
         reply: oneshot::Sender<()>,
@@ -134,9 +137,10 @@ struct Shared {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     rooms: Mutex<HashMap<RoomName, RoomEntry>>,
-    /// (room, user) -> local sessions of that user in that room.
-    presence: Mutex<HashMap<(RoomName, Username), usize>>,
+    presence: Presence,
     room_queue: usize,
+    /// Longest a leave or re-join waits for the room task to detach the session.
+    settle_wait: Duration,
     gap_wait: Duration,
     tasks: TaskTracker,
 }
@@ -147,16 +151,19 @@ impl Hub {
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         room_queue: usize,
+        settle_wait: Duration,
         tasks: TaskTracker,
     ) -> Self {
+        let presence = Presence::new(bus.clone());
         Hub {
             shared: Arc::new(Shared {
                 gateway,
                 store,
                 bus,
                 rooms: Mutex::new(HashMap::new()),
-                presence: Mutex::new(HashMap::new()),
+                presence,
                 room_queue,
+                settle_wait,
                 gap_wait: Duration::from_millis(50),
                 tasks,
             }),
@@ -200,6 +207,24 @@ impl Hub {
 
     /// Ends a membership; the room's task stops with its last member.
     pub async fn exit(&self, membership: RoomRef, session: u64) {
+        self.detach(membership, session, None).await;
+    }
+
+    /// Leaves like `exit`, and returns once the room task has stopped queueing the room's events
+    /// for this session (or could not be waited for within the store deadline), so that what the
+    /// session queues next comes after the last of them.
+    pub async fn exit_and_settle(&self, membership: RoomRef, session: u64) {
+        let (detached, settled) = oneshot::channel();
+        self.detach(membership, session, Some(detached)).await;
+        let _ = tokio::time::timeout(self.shared.settle_wait, settled).await;
+    }
+
+    async fn detach(
+        &self,
+        membership: RoomRef,
+        session: u64,
+        detached: Option<oneshot::Sender<()>>,
+    ) {
         let last = {
             let mut rooms = self.shared.rooms.lock().unwrap_or_else(|e| e.into_inner());
             match rooms.get_mut(&membership.room) {
@@ -215,7 +240,10 @@ impl Hub {
                 _ => false,
             }
         };
-        let _ = membership.tx.send(RoomCmd::Detach { session }).await;
+        let _ = membership
+            .tx
+            .send(RoomCmd::Detach { session, detached })
+            .await;
         if last {
             let _ = membership.tx.send(RoomCmd::Shutdown).await;
         }
@@ -286,46 +314,26 @@ impl Hub {
     }
 
     /// Counts a local session of `user` in `room`; the cluster hears of the first one.
+    /// Returns who is online.
     pub async fn presence_enter(
         &self,
         room: &RoomName,
         user: &Username,
     ) -> Result<Vec<Username>, crate::bus::BusError> {
-        {
-            let mut presence = self
-                .shared
-                .presence
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            *presence.entry((room.clone(), user.clone())).or_insert(0) += 1;
-        }
-        // Idempotent in the bus, and it answers who is online: called for every session.
-        self.shared.bus.presence_enter(room, user).await
+        self.shared.presence.enter(room, user).await
+    }
+
+    /// Records again a session that is counted already (a re-join); returns who is online.
+    pub async fn presence_announce(
+        &self,
+        room: &RoomName,
+        user: &Username,
+    ) -> Result<Vec<Username>, crate::bus::BusError> {
+        self.shared.presence.announce(room, user).await
     }
 
     pub async fn presence_exit(&self, room: &RoomName, user: &Username) {
-        let last = {
-            let mut presence = self
-                .shared
-                .presence
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let key = (room.clone(), user.clone());
-            match presence.get_mut(&key) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    presence.remove(&key);
-                    true
-                }
-                None => false,
-            }
-        };
-        if last && let Err(e) = self.shared.bus.presence_exit(room, user).await {
-            tracing::warn!(error = %e, "could not record presence exit");
-        }
+        self.shared.presence.exit(room, user).await;
     }
 
     fn route(&self, room: &str, cmd: RoomCmd) {
@@ -341,6 +349,11 @@ impl Hub {
 }
 
 impl BusListener for Hub {
+    fn on_presence_lost(&self) {
+        tracing::info!("the bus lost this gateway's presence; recording it again");
+        self.shared.presence.rewrite_all();
+    }
+
     fn on_room_event(&self, room: &str, event: Bytes) {
         let Some(decoded) = decode(&event) else {
             metrics::counter!("chat_bus_events_unreadable_total").increment(1);
@@ -400,26 +413,8 @@ impl BusListener for Hub {
                 }
             }
         }
-        // Redis may have lost our presence entries (a restart): announce them again.
-        let entries: Vec<(RoomName, Username)> = {
-            let presence = self
-                .shared
-                .presence
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            presence.keys().cloned().collect()
-        };
-        if !entries.is_empty() {
-            let bus = self.shared.bus.clone();
-            self.shared.tasks.spawn(async move {
-                for (room, user) in entries {
-                    if let Err(e) = bus.presence_enter(&room, &user).await {
-                        tracing::warn!(error = %e, "could not re-announce presence");
-                        break;
-                    }
-                }
-            });
-        }
+        // Redis may have lost our presence entries (a restart): record them again.
+        self.shared.presence.rewrite_all();
     }
 }
 
@@ -443,7 +438,15 @@ struct RoomTask {
 }
 
 impl RoomTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<RoomCmd>) {
+    async fn run(mut self, rx: mpsc::Receiver<RoomCmd>) {
+        self.serve(rx).await;
+        // Whichever way serving ended: a room whose baseline never came must not stay
+        // subscribed, nor counted.
+        self.shared.bus.unsubscribe(&self.room);
+        metrics::gauge!("chat_rooms_active").decrement(1.0);
+    }
+
+    async fn serve(&mut self, mut rx: mpsc::Receiver<RoomCmd>) {
         if let Err(e) = self.shared.bus.subscribe(&self.room).await {
             tracing::warn!(room = %self.room, error = %e, "subscribing late");
         }
@@ -509,8 +512,11 @@ impl RoomTask {
                     let answer = self.attach(outbox, cursor);
                     let _ = reply.send(answer);
                 }
-                RoomCmd::Detach { session } => {
+                RoomCmd::Detach { session, detached } => {
                     self.subscribers.retain(|s| s.outbox.session != session);
+                    if let Some(detached) = detached {
+                        let _ = detached.send(());
+                    }
                 }
                 RoomCmd::Ready { reply } => {
                     let _ = reply.send(());
@@ -522,8 +528,6 @@ impl RoomTask {
                 self.fill_from_store().await;
             }
         }
-        self.shared.bus.unsubscribe(&self.room);
-        metrics::gauge!("chat_rooms_active").decrement(1.0);
     }
 
     fn attach(&mut self, outbox: Outbox, cursor: u64) -> Attach {

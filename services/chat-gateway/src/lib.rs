@@ -10,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod presence;
 pub mod queue;
 pub mod session;
 pub mod store;

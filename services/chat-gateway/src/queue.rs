@@ -34,6 +34,9 @@ struct State<T> {
     capacity: usize,
     closed: bool,
     overflowed: bool,
+    /// Items ever queued: with the receiver's count of items taken, it places a frame of
+    /// another queue after everything queued here before it (`Sender::mark`).
+    queued: u64,
     /// Held back from the receiver (see `Sender::cork`).
     corked: bool,
     /// Woken by the next item (or the close).
@@ -110,6 +113,7 @@ impl<T> Sender<T> {
                 return Err(TrySendError::Full(item));
             }
             state.items.push_back(item);
+            state.queued += 1;
             state.receiver.take()
         };
         if let Some(waker) = receiver {
@@ -142,6 +146,12 @@ impl<T> Sender<T> {
 
     pub fn is_closed(&self) -> bool {
         self.shared.lock().closed
+    }
+
+    /// How many items have been queued so far: once `Receiver::taken` reaches it, everything
+    /// queued before this call has been taken.
+    pub fn mark(&self) -> u64 {
+        self.shared.lock().queued
     }
 
     /// Holds the queue back from the receiver until the returned guard is dropped, so that
@@ -178,6 +188,8 @@ pub struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// The queue was corked when last looked at.
     corked: bool,
+    /// Items taken so far (see `Sender::mark`).
+    taken: u64,
 }
 
 enum Taken<T> {
@@ -185,6 +197,26 @@ enum Taken<T> {
     Empty,
     Corked,
     Closed,
+}
+
+/// Whether the next item may be taken now (see `Receiver::poll_recv_when`).
+pub trait Gate<T> {
+    fn admits(&self, item: &T) -> bool;
+}
+
+/// Admits every item.
+struct Open;
+
+impl<T> Gate<T> for Open {
+    fn admits(&self, _: &T) -> bool {
+        true
+    }
+}
+
+impl<T, F: Fn(&T) -> bool> Gate<T> for F {
+    fn admits(&self, item: &T) -> bool {
+        self(item)
+    }
 }
 
 impl<T> Receiver<T> {
@@ -197,6 +229,7 @@ impl<T> Receiver<T> {
                     capacity: capacity.max(1),
                     closed: false,
                     overflowed: false,
+                    queued: 0,
                     corked: false,
                     receiver: None,
                     watcher: None,
@@ -204,15 +237,22 @@ impl<T> Receiver<T> {
                 room: Notify::new(),
             }),
             corked: false,
+            taken: 0,
         }
     }
 
     /// The next item; `None` once the queue is closed (what it held was dropped then).
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.poll_recv_when(cx, Open)
+    }
+
+    /// Like `poll_recv`, but leaves the next item queued (and is pending) while `gate` refuses
+    /// it: the caller takes from elsewhere until it would not.
+    pub fn poll_recv_when(&mut self, cx: &mut Context<'_>, gate: impl Gate<T>) -> Poll<Option<T>> {
         // Taking items spends the task's budget, like tokio's channels: a queue that is
         // refilled as fast as it drains must not keep the task from yielding.
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        match self.take(Some(cx.waker())) {
+        match self.take(Some(cx.waker()), gate) {
             Taken::Item(item) => {
                 coop.made_progress();
                 Poll::Ready(Some(item))
@@ -220,6 +260,11 @@ impl<T> Receiver<T> {
             Taken::Closed => Poll::Ready(None),
             Taken::Empty | Taken::Corked => Poll::Pending,
         }
+    }
+
+    /// Items taken so far.
+    pub fn taken(&self) -> u64 {
+        self.taken
     }
 
     /// Whether the queue was corked when last polled: the receiver may then hold back its
@@ -234,7 +279,7 @@ impl<T> Receiver<T> {
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<T> {
-        match self.take(None) {
+        match self.take(None, Open) {
             Taken::Item(item) => Some(item),
             Taken::Empty | Taken::Corked | Taken::Closed => None,
         }
@@ -242,7 +287,7 @@ impl<T> Receiver<T> {
 
     /// Pops an item; when there is none (or the queue is corked), registers `waker` (if given)
     /// for the next one (or the uncork).
-    fn take(&mut self, waker: Option<&Waker>) -> Taken<T> {
+    fn take(&mut self, waker: Option<&Waker>, gate: impl Gate<T>) -> Taken<T> {
         let (item, was_full) = {
             let mut state = self.shared.lock();
             self.corked = state.corked && !state.closed;
@@ -253,6 +298,12 @@ impl<T> Receiver<T> {
                 return Taken::Corked;
             }
             let was_full = state.items.len() >= state.capacity;
+            if state.items.front().is_some_and(|item| !gate.admits(item)) {
+                if let Some(waker) = waker {
+                    register(&mut state.receiver, waker);
+                }
+                return Taken::Empty;
+            }
             let Some(item) = state.items.pop_front() else {
                 if state.closed {
                     return Taken::Closed;
@@ -268,6 +319,7 @@ impl<T> Receiver<T> {
             }
             (item, was_full)
         };
+        self.taken += 1;
         if was_full {
             self.shared.room.notify_waiters();
         }
@@ -319,6 +371,31 @@ mod tests {
         assert_eq!(rx.try_recv(), Some(2));
         assert_eq!(rx.try_recv(), Some(3));
         assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn a_gated_item_waits_until_the_other_queue_is_taken_past_its_mark() {
+        let (fanout_tx, mut fanout) = bounded(8);
+        let (replies_tx, mut replies) = bounded(8);
+        fanout_tx.try_send("a").unwrap();
+        fanout_tx.try_send("b").unwrap();
+        replies_tx.try_send(("left", fanout_tx.mark())).unwrap();
+        fanout_tx.try_send("c").unwrap();
+        let mut order = Vec::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        loop {
+            let taken = fanout.taken();
+            let gate = |reply: &(&'static str, u64)| reply.1 <= taken;
+            if let Poll::Ready(Some((reply, _))) = replies.poll_recv_when(&mut cx, gate) {
+                order.push(reply);
+            } else if let Some(item) = fanout.try_recv() {
+                order.push(item);
+            } else {
+                break;
+            }
+        }
+        assert_eq!(order, ["a", "b", "left", "c"]);
     }
 
     #[tokio::test]

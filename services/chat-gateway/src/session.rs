@@ -27,6 +27,14 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Gone;
 
+/// A frame answering the client, and how many of its fanout frames must be written before it.
+pub struct Reply {
+    pub text: Utf8Bytes,
+    /// The fanout queue's `mark` when a `joined` or `left` was queued: every room event of the
+    /// membership it ends was queued by then, and goes out first. 0 for other replies.
+    pub after_fanout: u64,
+}
+
 /// Rows per store read while replaying a backlog.
 const BACKLOG_PAGE: u32 = 200;
 /// Longest an ack is held back to leave with the sender's own copy of the message.
@@ -37,7 +45,7 @@ pub struct Session {
     id: u64,
     user: Username,
     outbox: Outbox,
-    replies: queue::Sender<Utf8Bytes>,
+    replies: queue::Sender<Reply>,
     /// A list, not a map: a connection is in a few rooms (at most
     /// `max_rooms_per_connection`), and an idle one should not carry a hash table.
     rooms: Vec<RoomRef>,
@@ -57,7 +65,7 @@ impl Session {
         id: u64,
         user: Username,
         outbox: Outbox,
-        replies: queue::Sender<Utf8Bytes>,
+        replies: queue::Sender<Reply>,
     ) -> Self {
         let s = &ctx.settings;
         let message_limit = RateLimiter::direct(quota(s.rate_per_sec, s.rate_burst));
@@ -91,8 +99,26 @@ impl Session {
         self.push(Utf8Bytes::from(frame.encode(reference))).await
     }
 
-    async fn push(&self, item: Utf8Bytes) -> Result<(), Gone> {
-        self.replies.send(item).await.map_err(|_| Gone)
+    async fn push(&self, text: Utf8Bytes) -> Result<(), Gone> {
+        let reply = Reply {
+            text,
+            after_fanout: 0,
+        };
+        self.replies.send(reply).await.map_err(|_| Gone)
+    }
+
+    /// Queues a `joined` or `left`, after the room events of the membership it ends (the room
+    /// task has detached this session: no more of them can come).
+    async fn send_after_fanout(
+        &self,
+        frame: ServerFrame,
+        reference: Option<Ref>,
+    ) -> Result<(), Gone> {
+        let reply = Reply {
+            text: Utf8Bytes::from(frame.encode(reference)),
+            after_fanout: self.outbox.fanout.mark(),
+        };
+        self.replies.send(reply).await.map_err(|_| Gone)
     }
 
     async fn fail(&self, failure: Failure, reference: Option<Ref>) -> Result<(), Gone> {
@@ -159,9 +185,10 @@ impl Session {
             ClientFrame::Join { room, since } => self.join(room, since, reference).await,
             ClientFrame::Leave { room } => {
                 let membership = self.take_membership(&room).ok_or_else(not_joined)?;
-                self.ctx.hub.exit(membership, self.id).await;
+                self.ctx.hub.exit_and_settle(membership, self.id).await;
                 self.ctx.hub.presence_exit(&room, &self.user).await;
-                Ok(self.send(ServerFrame::Left { room }, reference).await?)
+                let left = ServerFrame::Left { room };
+                Ok(self.send_after_fanout(left, reference).await?)
             }
             ClientFrame::Send {
                 room,
@@ -231,7 +258,7 @@ impl Session {
         }
         let already_present = match rejoin {
             Some(membership) => {
-                self.ctx.hub.exit(membership, self.id).await;
+                self.ctx.hub.exit_and_settle(membership, self.id).await;
                 true
             }
             None => false,
@@ -260,7 +287,7 @@ impl Session {
         }
         let online = if already_present {
             // This session's presence is counted already; only ask who is there.
-            self.ctx.bus.presence_enter(&room, &self.user).await
+            self.ctx.hub.presence_announce(&room, &self.user).await
         } else {
             self.ctx.hub.presence_enter(&room, &self.user).await
         };
@@ -273,7 +300,7 @@ impl Session {
             last_seq,
             online,
         };
-        if let Err(gone) = self.send(joined, reference).await {
+        if let Err(gone) = self.send_after_fanout(joined, reference).await {
             self.ctx.hub.exit(membership, self.id).await;
             self.ctx.hub.presence_exit(&room, &self.user).await;
             return Err(gone.into());
@@ -372,12 +399,17 @@ impl Session {
             ts: message.ts,
             client_id: message.client_id.clone(),
         };
-        self.send(sent, reference).await?;
-        hot::SEND_ACK_SECONDS.record(started.elapsed());
-        if committed.duplicate {
-            return Ok(());
+        let acked = self.send(sent, reference).await;
+        if acked.is_ok() {
+            hot::SEND_ACK_SECONDS.record(started.elapsed());
         }
-        hot::MESSAGES_COMMITTED.increment(1);
+        if !committed.duplicate {
+            hot::MESSAGES_COMMITTED.increment(1);
+        }
+        // Once committed, a message is always handed on, even when its ack cannot be (the
+        // client is gone) and even when it is a resend's duplicate: the first attempt may have
+        // committed after its caller stopped waiting, and then nobody delivered it. Rooms drop a
+        // seq they have delivered already, so handing it on twice costs no duplicate.
         let frame = encode_message(&message);
         let committed_us = clock::unix_us();
         let event =
@@ -392,7 +424,9 @@ impl Session {
         if self.ctx.bus.publish(&room, event.clone()).await.is_err() {
             self.retry_publish(room, event);
         }
-        if let Some(taken) = taken {
+        if acked.is_ok()
+            && let Some(taken) = taken
+        {
             // The ack waits, corked, until the room task has queued the sender's own copy too:
             // then the connection writes both at once, one send instead of two, ack first. Not
             // for long, though: a room task busy reading the store must not hold this
@@ -401,7 +435,7 @@ impl Session {
             let _corked = self.replies.cork();
             let _ = tokio::time::timeout(ACK_CORK_LIMIT, taken).await;
         }
-        Ok(())
+        Ok(acked?)
     }
 
     /// Retries a publish the bus refused (its queue stayed full). Receivers would also repair
@@ -486,7 +520,14 @@ mod tests {
             Arc::new(SqliteStore::open(dir, Duration::from_secs(5)).unwrap());
         let bus = Arc::new(LocalBus::new());
         let tasks = TaskTracker::new();
-        let hub = Hub::new("unit".into(), store.clone(), bus.clone(), 64, tasks.clone());
+        let hub = Hub::new(
+            "unit".into(),
+            store.clone(),
+            bus.clone(),
+            64,
+            Duration::from_secs(5),
+            tasks.clone(),
+        );
         bus.start(Arc::new(hub.clone())).await;
         Arc::new(Context {
             settings: Settings::defaults(),
@@ -507,7 +548,7 @@ mod tests {
 
     struct Driven {
         session: Session,
-        replies: queue::Receiver<Utf8Bytes>,
+        replies: queue::Receiver<Reply>,
         fanout: queue::Receiver<Utf8Bytes>,
     }
 
@@ -535,11 +576,12 @@ mod tests {
         /// Handles one client frame and returns the first reply it queued.
         async fn ask(&mut self, frame: &str) -> Value {
             self.session.handle_text(frame).await.unwrap();
-            json_of(self.replies.recv().await.unwrap())
+            json_of(self.replies.recv().await.unwrap().text)
         }
 
         async fn next_fanout(&mut self) -> Value {
-            json_of(self.fanout.recv().await.unwrap())
+            let next = tokio::time::timeout(Duration::from_secs(5), self.fanout.recv()).await;
+            json_of(next.expect("a room event within 5 s").unwrap())
         }
     }
 
@@ -613,5 +655,67 @@ mod tests {
             );
         }
         ann.session.close().await;
+    }
+
+    /// Ann and Ben in `lab`, with Ben's presence notice read by Ann.
+    async fn two_in_lab(ctx: &SharedContext) -> (Driven, Driven) {
+        let mut ann = session(ctx, 1, "ann");
+        let mut ben = session(ctx, 2, "ben");
+        ann.ask(r#"{"type":"join","room":"lab","ref":1}"#).await;
+        ben.ask(r#"{"type":"join","room":"lab","ref":1}"#).await;
+        assert_eq!(ann.next_fanout().await["type"], "presence");
+        (ann, ben)
+    }
+
+    #[tokio::test]
+    async fn a_resend_delivers_what_an_abandoned_attempt_committed() {
+        // The first attempt committed after its caller stopped waiting (the store deadline), so
+        // nobody handed it on; the client's resend is a duplicate and must deliver it.
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path()).await;
+        let (mut ann, mut ben) = two_in_lab(&ctx).await;
+        ctx.store
+            .append(&crate::store::NewMessage {
+                room: RoomName::parse("lab").unwrap(),
+                from: Username::parse("ann").unwrap(),
+                body: MessageBody::parse("first try").unwrap(),
+                client_id: Some(ClientId::parse("c-1").unwrap()),
+            })
+            .await
+            .unwrap();
+        let sent = ann
+            .ask(r#"{"type":"send","room":"lab","body":"first try","client_id":"c-1","ref":2}"#)
+            .await;
+        assert_eq!(
+            (sent["type"].clone(), sent["seq"].clone()),
+            (json!("sent"), json!(1))
+        );
+        for driven in [&mut ann, &mut ben] {
+            assert_eq!(driven.next_fanout().await["body"], "first try");
+        }
+        // A second resend delivers nothing twice.
+        ann.ask(r#"{"type":"send","room":"lab","body":"first try","client_id":"c-1"}"#)
+            .await;
+        ben.ask(r#"{"type":"send","room":"lab","body":"next"}"#)
+            .await;
+        assert_eq!(ben.next_fanout().await["seq"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_message_is_delivered_when_its_sender_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path()).await;
+        let (mut ann, mut ben) = two_in_lab(&ctx).await;
+        // Ann's socket broke while her send was being committed: the link closed her replies.
+        ann.replies.close();
+        let handled = ann
+            .session
+            .handle_text(r#"{"type":"send","room":"lab","body":"bye","ref":2}"#)
+            .await;
+        assert!(
+            handled.is_err(),
+            "the session learns that its client is gone"
+        );
+        assert_eq!(ben.next_fanout().await["body"], "bye");
     }
 }

@@ -118,6 +118,7 @@ pub fn register_series(gateway: &str) {
         "chat_connections_open",
         "chat_rooms_active",
         "chat_draining",
+        "chat_presence_repairs_pending",
     ] {
         metrics::gauge!(gauge).set(0.0);
     }
@@ -197,6 +198,10 @@ fn describe() {
         "rooms with local sessions (a room task each)"
     );
     describe_gauge!("chat_subscribed_rooms", "room channels subscribed on Redis");
+    describe_gauge!(
+        "chat_presence_repairs_pending",
+        "presence entries waiting to be written to the bus again"
+    );
     describe_gauge!(
         "chat_redis_connected",
         "1 while the Redis subscription is up"

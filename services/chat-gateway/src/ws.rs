@@ -2,11 +2,12 @@
 //! both reads the client's frames (with the heartbeat) and writes what the session queued,
 //! batching queued frames into one flush.
 
+use crate::config::Settings;
 use crate::context::{SessionSlot, SharedContext};
 use crate::error::Failure;
 use crate::hub::Outbox;
 use crate::queue;
-use crate::session::{Gone, Session};
+use crate::session::{Gone, Reply, Session};
 use crate::telemetry::hot;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -24,8 +25,6 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-/// Replies queued for one client (answers to its own frames, backlog pages).
-const REPLY_QUEUE: usize = 256;
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 64;
 /// Socket buffers: small, so that idle connections stay cheap; they grow for large frames.
@@ -35,8 +34,6 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4096;
 /// How long a closed socket is read for the client's answering close frame.
 const LINGER: Duration = Duration::from_secs(1);
-/// A socket that does not take a flush within this time is treated as dead.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn upgrade(State(ctx): State<SharedContext>, ws: WebSocketUpgrade) -> Response {
     if ctx.draining.is_cancelled() {
@@ -58,9 +55,11 @@ pub async fn upgrade(State(ctx): State<SharedContext>, ws: WebSocketUpgrade) -> 
     let max = ctx.settings.max_frame_bytes;
     let tracked = ctx.tasks.clone();
     let span = tracing::info_span!("conn", id = slot.id, user = tracing::field::Empty);
+    // No cap on the write buffer (tungstenite's default): the link flushes before it feeds
+    // more, so the buffer holds at most one frame past WRITE_BUFFER, and a server frame can be
+    // far larger than the client's limit (a history page of 200 long messages).
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * max)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| tracked.track_future(serve(socket, ctx, slot).instrument(span)))
@@ -91,11 +90,18 @@ async fn refuse(
     error: ErrorCode,
     message: &str,
 ) {
-    metrics::counter!("chat_connections_closed_total", "reason" => "unauthorized").increment(1);
+    // The same labels and close reasons as a session that ends the same way.
+    let (label, reason) = match code {
+        CLOSE_TOO_BIG => (End::TooLarge.label(), "frame too large"),
+        CLOSE_SERVICE_RESTART => (End::Drain.label(), "gateway restarting"),
+        _ => ("unauthorized", "unauthorized"),
+    };
+    metrics::counter!("chat_connections_closed_total", "reason" => label).increment(1);
+    metrics::counter!("chat_errors_sent_total", "code" => error.as_str()).increment(1);
     let frame = ServerFrame::error(error, message).encode(reference);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         socket.send(Message::Text(frame.into())).await?;
-        socket.send(close_message(code, "unauthorized")).await
+        socket.send(close_message(code, reason)).await
     })
     .await;
 }
@@ -161,7 +167,7 @@ fn serve(
     slot: SessionSlot,
 ) -> impl Future<Output = ()> + Send {
     let mut connection = Connection {
-        link: Link::new(socket, ctx.settings.outbound_queue),
+        link: Link::new(socket, &ctx.settings),
         session: None,
         ctx,
         slot,
@@ -206,7 +212,10 @@ impl Connection {
         }
         .encode(reference);
         // The queue is new and empty: the welcome fits.
-        let _ = replies.try_send(welcome.into());
+        let _ = replies.try_send(Reply {
+            text: welcome.into(),
+            after_fanout: 0,
+        });
         self.session = Some(Session::new(self.ctx.clone(), id, user, outbox, replies));
         let end = self.converse().await;
         metrics::counter!("chat_connections_closed_total", "reason" => end.label()).increment(1);
@@ -222,7 +231,7 @@ impl Connection {
         let Some(session) = self.session.take() else {
             return;
         };
-        let closing = tokio::time::timeout(WRITE_TIMEOUT, self.link.close(end));
+        let closing = tokio::time::timeout(self.link.write_timeout, self.link.close(end));
         let (_, closed) = tokio::join!(session.close(), closing);
         if !matches!(closed, Ok(Ok(()))) {
             tracing::debug!("close frame not delivered");
@@ -245,9 +254,14 @@ impl Connection {
     async fn converse(&mut self) -> End {
         let link = &mut self.link;
         let heartbeat = self.ctx.settings.heartbeat();
-        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let silence_limit = heartbeat * 5 / 2;
         let mut last_seen = Instant::now();
-        let deadline = tokio::time::sleep(WRITE_TIMEOUT);
+        let mut next_ping = last_seen + heartbeat;
+        // Wakes for the next ping or when the silence limit would be reached, whichever is
+        // first: a silent client is closed on time, and reading a frame costs no timer reset.
+        let beat = tokio::time::sleep_until(next_ping);
+        tokio::pin!(beat);
+        let deadline = tokio::time::sleep(link.write_timeout);
         tokio::pin!(deadline);
         let mut handling: Option<Handling> = None;
         let mut end: Option<End> = None;
@@ -265,11 +279,16 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = &mut drain, if end.is_none() => end = Some(End::Drain),
-                _ = ticker.tick(), if end.is_none() => {
-                    if last_seen.elapsed() > heartbeat * 5 / 2 {
+                _ = &mut beat, if end.is_none() => {
+                    let now = Instant::now();
+                    if now >= last_seen + silence_limit {
                         end = Some(End::HeartbeatTimeout);
                     } else {
-                        link.ping = true;
+                        if now >= next_ping {
+                            link.ping = true;
+                            next_ping = now + heartbeat;
+                        }
+                        beat.as_mut().reset(next_ping.min(last_seen + silence_limit));
                     }
                 }
                 (session, handled) = async { handling.as_mut().expect("guarded").await },
@@ -382,7 +401,7 @@ enum Event {
 /// One connection's socket and the queues it writes from.
 struct Link {
     socket: WebSocket,
-    replies: queue::Receiver<Utf8Bytes>,
+    replies: queue::Receiver<Reply>,
     fanout: queue::Receiver<Utf8Bytes>,
     /// A ping is owed to the client.
     ping: bool,
@@ -394,17 +413,21 @@ struct Link {
     flushing: bool,
     /// The write timeout is running.
     armed: bool,
+    /// A socket that does not take a flush within this time is treated as dead
+    /// (`CHAT_WRITE_TIMEOUT_MS`).
+    write_timeout: Duration,
     /// Kicked as a slow consumer: nothing queued is written any more.
     kicked: bool,
     broken: bool,
 }
 
 impl Link {
-    fn new(socket: WebSocket, fanout_queue: usize) -> Self {
+    fn new(socket: WebSocket, settings: &Settings) -> Self {
         Link {
             socket,
-            replies: queue::Receiver::new(REPLY_QUEUE),
-            fanout: queue::Receiver::new(fanout_queue),
+            replies: queue::Receiver::new(settings.reply_queue),
+            fanout: queue::Receiver::new(settings.outbound_queue),
+            write_timeout: settings.write_timeout(),
             ping: false,
             stalled: false,
             fed: 0,
@@ -436,7 +459,7 @@ impl Link {
             }
             let writing = self.stalled || self.fed > 0;
             if writing && !self.armed {
-                deadline.as_mut().reset(Instant::now() + WRITE_TIMEOUT);
+                deadline.as_mut().reset(Instant::now() + self.write_timeout);
                 self.armed = true;
             } else if !writing {
                 self.armed = false;
@@ -493,8 +516,11 @@ impl Link {
     }
 
     fn next_queued(&mut self, cx: &mut Context<'_>) -> Option<Message> {
-        if let Poll::Ready(Some(text)) = self.replies.poll_recv(cx) {
-            return Some(Message::Text(text));
+        // A `joined` or `left` waits for the room events queued before it.
+        let fanout_taken = self.fanout.taken();
+        let after_earlier_fanout = |reply: &Reply| reply.after_fanout <= fanout_taken;
+        if let Poll::Ready(Some(reply)) = self.replies.poll_recv_when(cx, after_earlier_fanout) {
+            return Some(Message::Text(reply.text));
         }
         // The session corks its replies while what it answers is still on its way to the
         // fanout queue: nothing is written until both can go in one flush, in order.
@@ -535,8 +561,8 @@ impl Link {
             }
         };
         // The replies queued before the close frame go out first; room events do not.
-        while let Some(text) = self.replies.try_recv() {
-            self.socket.feed(Message::Text(text)).await?;
+        while let Some(reply) = self.replies.try_recv() {
+            self.socket.feed(Message::Text(reply.text)).await?;
         }
         self.socket.send(close_message(code, reason)).await
     }

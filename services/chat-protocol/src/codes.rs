@@ -17,10 +17,12 @@ pub enum ErrorCode {
     Internal,
     /// HTTP only: registration of a name that exists.
     UsernameTaken,
+    /// HTTP only: a method the path does not take.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -31,6 +33,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::UsernameTaken,
+        ErrorCode::MethodNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::UsernameTaken => "username_taken",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
         }
     }
 }

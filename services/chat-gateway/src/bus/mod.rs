@@ -28,6 +28,9 @@ pub trait BusListener: Send + Sync + 'static {
     /// The subscription connection came back after a break: events may have been missed, so
     /// every room must be refilled from the store and local presence announced again.
     fn on_resubscribed(&self);
+    /// The bus lost this gateway's presence entries (its store restarted empty, or another
+    /// gateway withdrew them after missing this one's heartbeats): they must be recorded again.
+    fn on_presence_lost(&self);
 }
 
 #[async_trait]

@@ -53,7 +53,7 @@ local function withdraw(gw)
       redis.call('PUBLISH', 'chat:room:' .. room, event(room, user, 'offline'))
     end
   end
-  redis.call('DEL', set)
+  redis.call('DEL', set, 'chat:gw:' .. gw .. ':known')
   redis.call('ZREM', 'chat:gateways', gw)
 end
 "#;
@@ -90,12 +90,16 @@ return 1
 "#;
 
 /// ARGV: gateway, timeout ms. Heartbeat, then withdraw every gateway silent for the timeout.
+/// Returns {1 if this gateway's `known` mark was missing (its presence entries are gone:
+/// Redis restarted empty, or the gateway was withdrawn), gateways withdrawn}. Only the
+/// heartbeat sets the mark and only `withdraw` clears it, so a join cannot hide a loss.
 const HEARTBEAT: &str = r#"
 local now = now_ms()
 redis.call('ZADD', 'chat:gateways', now, ARGV[1])
+local unknown = redis.call('SET', 'chat:gw:' .. ARGV[1] .. ':known', '1', 'NX') and 1 or 0
 local dead = redis.call('ZRANGEBYSCORE', 'chat:gateways', '-inf', now - tonumber(ARGV[2]))
 for _, gw in ipairs(dead) do withdraw(gw) end
-return #dead
+return {unknown, #dead}
 "#;
 
 /// A room event waiting for the publisher task: (channel, event).
@@ -106,6 +110,72 @@ const PUBLISH_BATCH: usize = 256;
 /// Tries of a failed pipeline before its events are given up (receivers then fill the gap
 /// from the store).
 const PUBLISH_ATTEMPTS: u32 = 4;
+
+/// The newest message event of each room whose pipeline was given up, to publish again.
+/// At most one per room this gateway published to while Redis failed.
+#[derive(Default)]
+struct Unsent {
+    /// channel -> (seq, event)
+    newest: HashMap<String, (u64, Bytes)>,
+    retry: Duration,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Unsent {
+    const FIRST_RETRY: Duration = Duration::from_millis(500);
+    const LAST_RETRY: Duration = Duration::from_secs(5);
+
+    fn keep(&mut self, batch: &[Outgoing]) {
+        for (channel, event) in batch {
+            if let Some(super::BusEvent::Message { seq, .. }) = super::decode(event) {
+                let newest = self
+                    .newest
+                    .entry(channel.clone())
+                    .or_insert_with(|| (seq, event.clone()));
+                if seq > newest.0 {
+                    *newest = (seq, event.clone());
+                }
+            }
+        }
+        if !self.newest.is_empty() && self.due.is_none() {
+            self.retry = Self::FIRST_RETRY;
+            self.due = Some(tokio::time::Instant::now() + self.retry);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.newest.is_empty()
+    }
+
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    fn events(&self) -> Vec<Outgoing> {
+        self.newest
+            .iter()
+            .map(|(channel, (_, event))| (channel.clone(), event.clone()))
+            .collect()
+    }
+
+    fn back_off(&mut self) {
+        self.retry = (self.retry * 2).min(Self::LAST_RETRY);
+        self.due = Some(tokio::time::Instant::now() + self.retry);
+    }
+
+    fn clear(&mut self) {
+        self.newest.clear();
+        self.due = None;
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 enum Control {
     Subscribe(String, oneshot::Sender<()>),
@@ -252,18 +322,34 @@ impl Shared {
 
     /// Sends queued room events as pipelines, in queue order, retrying a failed pipeline with
     /// backoff. A retried pipeline may publish an event twice; receivers drop a seq they have.
+    ///
+    /// A pipeline given up is not forgotten: the newest message event of each of its rooms is
+    /// kept (`Unsent`) and published again once Redis answers, even if the room stays quiet.
+    /// A receiver that missed messages then sees a seq past its last, and fills the gap from
+    /// the store; one that has them drops it.
     async fn run_publisher(self: Arc<Self>, mut outgoing: mpsc::Receiver<Outgoing>) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        let mut unsent = Unsent::default();
         loop {
+            let resend_at = unsent.due();
             let received = tokio::select! {
                 received = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => received,
+                _ = sleep_until_some(resend_at) => {
+                    self.resend(&mut unsent).await;
+                    continue;
+                }
                 _ = self.stop.cancelled() => {
                     // Stopping after the sessions ended: send what they left, once.
                     while batch.len() < PUBLISH_BATCH && let Ok(item) = outgoing.try_recv() {
                         batch.push(item);
                     }
-                    if !batch.is_empty() {
-                        let _ = self.send_pipeline(&batch).await;
+                    if !batch.is_empty()
+                        && let Err(e) = self.send_pipeline(&batch).await
+                    {
+                        metrics::counter!("chat_publish_failures_total")
+                            .increment(batch.len() as u64);
+                        tracing::warn!(error = %e, events = batch.len(),
+                            "publish failed while stopping; receivers will fill the gap from the store");
                     }
                     return;
                 }
@@ -274,12 +360,18 @@ impl Shared {
             let mut delay = Duration::from_millis(100);
             for attempt in 1..=PUBLISH_ATTEMPTS {
                 match self.send_pipeline(&batch).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if !unsent.is_empty() {
+                            self.resend(&mut unsent).await;
+                        }
+                        break;
+                    }
                     Err(e) if attempt == PUBLISH_ATTEMPTS || self.stop.is_cancelled() => {
                         metrics::counter!("chat_publish_failures_total")
                             .increment(batch.len() as u64);
                         tracing::warn!(error = %e, events = batch.len(),
-                            "publish failed; receivers will fill the gap from the store");
+                            "publish failed; will publish each room's newest message again");
+                        unsent.keep(&batch);
                         break;
                     }
                     Err(_) => {
@@ -289,6 +381,21 @@ impl Shared {
                 }
             }
             batch.clear();
+        }
+    }
+
+    /// Publishes the kept events once; keeps them, with a longer wait, if that fails too.
+    async fn resend(&self, unsent: &mut Unsent) {
+        let events = unsent.events();
+        match self.send_pipeline(&events).await {
+            Ok(()) => {
+                tracing::info!(
+                    rooms = events.len(),
+                    "published given-up rooms' newest messages again"
+                );
+                unsent.clear();
+            }
+            Err(_) => unsent.back_off(),
         }
     }
 
@@ -418,13 +525,21 @@ impl Shared {
                 .await;
             if last_heartbeat.is_none_or(|t| t.elapsed() >= heartbeat_every) {
                 match self
-                    .script::<i64>(
+                    .script::<(i64, i64)>(
                         &self.scripts.heartbeat,
                         &[&self.config.gateway, &timeout_ms],
                     )
                     .await
                 {
-                    Ok(reaped) => {
+                    Ok((unknown, reaped)) => {
+                        // Unknown after the first heartbeat: Redis restarted empty, or another
+                        // gateway withdrew this one while its heartbeats were late.
+                        if unknown == 1
+                            && last_heartbeat.is_some()
+                            && let Some(listener) = self.listener.get()
+                        {
+                            listener.on_presence_lost();
+                        }
                         last_heartbeat = Some(Instant::now());
                         if reaped > 0 {
                             tracing::info!(reaped, "withdrew presence of silent gateways");

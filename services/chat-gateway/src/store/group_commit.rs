@@ -99,11 +99,17 @@ async fn gather<C, F>(
 /// sender and client id) is committed once; the later copies get its result as a duplicate. If
 /// the transaction fails for a reason other than availability (one message the database refuses
 /// must not cost the others theirs), each message is retried in a transaction of its own.
-async fn settle<C, F>(batch: Vec<Pending>, commit: &C)
+async fn settle<C, F>(mut batch: Vec<Pending>, commit: &C)
 where
     C: Fn(Arc<Vec<NewMessage>>) -> F,
     F: Future<Output = BatchOutcome>,
 {
+    // A caller that stopped waiting while its append was queued (its deadline passed, so it
+    // was told `unavailable`) must not have the message stored behind its back.
+    batch.retain(|pending| !pending.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     crate::telemetry::hot::COMMIT_BATCH_MESSAGES.record(batch.len() as f64);
     // For each pending append: the message (an index into `unique`) whose result answers it,
     // and whether it is a resend of that message.
@@ -152,8 +158,8 @@ where
         if resent && let Ok(committed) = &mut result {
             committed.duplicate = true;
         }
-        // The caller may have stopped waiting (deadline, closed socket); the message stays
-        // committed and a resend with its client id finds it.
+        // The caller may have stopped waiting while the transaction ran; the message stays
+        // committed, and a resend with its client id finds it and delivers it.
         let _ = pending.reply.send(result);
     }
 }
@@ -370,5 +376,30 @@ mod tests {
         assert!(matches!(results[1], Err(StoreError::Internal(_))));
         let sizes: Vec<usize> = recorder.batches().iter().map(Vec::len).collect();
         assert_eq!(sizes, [1, 3, 1, 1, 1], "retried one by one");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_append_abandoned_while_queued_is_not_committed() {
+        let recorder = Recorder::new();
+        let queue = recorder.queue(CommitLimits {
+            max_batch: 10,
+            in_flight: 1,
+        });
+        let (held, mut queued) = behind_a_held_commit(
+            &recorder,
+            &queue,
+            vec![
+                message("lobby", "kept", None),
+                message("lobby", "given up", None),
+            ],
+        )
+        .await;
+        // The second caller's deadline passes while the first commit holds the only slot.
+        queued.pop().unwrap().abort();
+        tokio::task::yield_now().await;
+        recorder.gate.add_permits(100);
+        held.await.unwrap().unwrap();
+        assert_eq!(queued.pop().unwrap().await.unwrap().unwrap().message.seq, 2);
+        assert_eq!(recorder.batches(), [vec!["hold"], vec!["kept"]]);
     }
 }

@@ -102,7 +102,12 @@ pub(crate) async fn with_deadline<T>(
         ))),
     };
     crate::telemetry::hot::STORE_QUERY_SECONDS.record(started.elapsed());
-    if outcome.is_err() {
+    // Only the store's own failures: a taken name or an unknown user is the client's mistake,
+    // and must not feed the alerts that page an operator.
+    if matches!(
+        outcome,
+        Err(StoreError::Unavailable(_) | StoreError::Internal(_))
+    ) {
         metrics::counter!("chat_store_errors_total").increment(1);
     }
     outcome

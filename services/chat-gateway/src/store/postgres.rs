@@ -75,6 +75,7 @@ impl PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
+        const MIGRATION_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
         // Migrations may take longer than a query; the lock wait is bounded by the other
         // replica's migration, itself bounded by this deadline.
         let deadline = self.deadline.max(Duration::from_secs(30));
@@ -103,9 +104,22 @@ impl PostgresStore {
                 for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
                     let version = migration.version;
                     let tx = client.transaction().await.map_err(pg_error)?;
-                    tx.batch_execute(migration.postgres)
+                    // A migration that alters a table waits for every reader of it, and while
+                    // it waits, every later query on the table queues behind it: the whole
+                    // fleet would stall behind one long read. Give up instead, and let the
+                    // start-up retry.
+                    tx.batch_execute(MIGRATION_LOCK_TIMEOUT)
                         .await
                         .map_err(pg_error)?;
+                    tx.batch_execute(migration.postgres).await.map_err(|e| {
+                        if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                            StoreError::Unavailable(format!(
+                                "schema migration {version} is waiting for a table lock: {e}"
+                            ))
+                        } else {
+                            pg_error(e)
+                        }
+                    })?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
                         &[&version, &unix_ms()],
@@ -517,7 +531,11 @@ impl Store for PostgresStore {
             let rows = client
                 .query(
                     &stmt,
-                    &[&room.as_str(), &(after as i64), &(i64::from(limit) + 1)],
+                    &[
+                        &room.as_str(),
+                        &(after.min(i64::MAX as u64) as i64),
+                        &(i64::from(limit) + 1),
+                    ],
                 )
                 .await
                 .map_err(pg_error)?;

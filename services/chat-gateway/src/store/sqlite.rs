@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -77,6 +78,7 @@ impl SqliteStore {
             )
             .map_err(db_error)?;
             tx.commit().map_err(db_error)?;
+            tracing::info!(version = migration.version, "applied schema migration");
         }
         Ok(())
     }
@@ -87,15 +89,25 @@ impl SqliteStore {
         work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
+        // Cancelled when the caller stops waiting (its deadline passed, and it was told
+        // `unavailable`): work still queued for the connection then does nothing, so that an
+        // append the caller gave up on is not stored behind its back.
+        let abandoned = CancellationToken::new();
+        let caller = abandoned.clone().drop_guard();
         with_deadline(self.deadline, async move {
-            tokio::task::spawn_blocking(move || {
+            let done = tokio::task::spawn_blocking(move || {
                 let mut guard = conn
                     .lock()
                     .map_err(|_| StoreError::Internal("store lock poisoned".into()))?;
+                if abandoned.is_cancelled() {
+                    return Err(StoreError::Unavailable("the caller stopped waiting".into()));
+                }
                 work(&mut guard)
             })
             .await
-            .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+            .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?;
+            caller.disarm();
+            done
         })
         .await
     }

@@ -483,3 +483,115 @@ async fn logs_name_the_connection_and_never_hold_secrets() {
         "session start and end are logged:\n{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_change_redis_missed_is_recorded_once_it_answers() {
+    let s = services();
+    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
+    // Bob's gateway reaches Redis through the proxy; Carol's directly.
+    let mut settings = s.settings();
+    settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
+    let bobs_gw = Gateway::start(settings).await;
+    let carols_gw = s.gateway().await;
+    let (carol, tc) = register(carols_gw.port, "carol").await;
+    let (bob, tb) = register(carols_gw.port, "bob").await;
+    let room = unique("ghost");
+    let mut watcher = Client::connect(carols_gw.port, &carol, &tc).await;
+    watcher.join(&room).await;
+    let mut on_bobs = Client::connect(bobs_gw.port, &bob, &tb).await;
+    on_bobs.join(&room).await;
+    let online = watcher.recv_type("presence").await;
+    assert_eq!(online["state"], "online");
+
+    // Bob leaves while his gateway cannot reach Redis: the exit is not recorded there.
+    proxy.refuse();
+    let left = on_bobs
+        .request(json!({"type": "leave", "room": room}))
+        .await;
+    assert_eq!(left["type"], "left");
+    // Once the gateway is through to Redis again, Bob goes offline, and nobody sees him online.
+    proxy.accept_again();
+    let offline = watcher.recv_type("presence").await;
+    assert_eq!(
+        offline,
+        json!({"type":"presence","room":room,"user":bob,"state":"offline"})
+    );
+    let (dave, td) = register(carols_gw.port, "dave").await;
+    let mut newcomer = Client::connect(carols_gw.port, &dave, &td).await;
+    let joined = newcomer.join(&room).await;
+    assert!(
+        !joined["online"].as_array().unwrap().contains(&json!(bob)),
+        "{joined}"
+    );
+    bobs_gw.stop().await;
+    carols_gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_recorded_again_after_redis_restarts_empty() {
+    let mut s = services();
+    let (g1, g2) = (s.gateway().await, s.gateway().await);
+    let (alice, ta) = register(g1.port, "alice").await;
+    let (carol, tc) = register(g2.port, "carol").await;
+    let room = unique("restart");
+    let mut watcher = Client::connect(g2.port, &carol, &tc).await;
+    watcher.join(&room).await;
+    let mut on_g1 = Client::connect(g1.port, &alice, &ta).await;
+    on_g1.join(&room).await;
+    assert_eq!(watcher.recv_type("presence").await["state"], "online");
+
+    // Redis comes back with nothing: both gateways record their users again, so Alice is
+    // announced online anew, and a newcomer sees her.
+    s.redis.as_mut().unwrap().stop();
+    s.redis.as_mut().unwrap().start_again();
+    let online = watcher.recv_type("presence").await;
+    assert_eq!(
+        online,
+        json!({"type":"presence","room":room,"user":alice,"state":"online"})
+    );
+    let (dave, td) = register(g2.port, "dave").await;
+    let mut newcomer = Client::connect(g2.port, &dave, &td).await;
+    let joined = newcomer.join(&room).await;
+    let online = joined["online"].as_array().unwrap();
+    assert!(
+        online.contains(&json!(alice)) && online.contains(&json!(carol)),
+        "{joined}"
+    );
+    g1.stop().await;
+    g2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redis_refused_reaches_other_gateways_once_it_answers() {
+    let s = services();
+    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
+    // The sender's gateway is a process of its own (its counters are its own) that reaches
+    // Redis through the proxy; the reader's gateway reaches Redis directly.
+    let mut senders_gw = GatewayProcess::start(&s, &[("CHAT_REDIS_URL", &proxy.url())]).await;
+    let readers_gw = s.gateway().await;
+    let (mut sender, mut reader, room) =
+        pair_in_room(senders_gw.port, readers_gw.port, "refused").await;
+    assert_eq!(sender.say(&room, "before").await, 1);
+    assert_eq!(reader.next_message().await["seq"], 1);
+
+    // Redis refuses the sender's gateway: the message commits, its publish is given up.
+    proxy.refuse();
+    assert_eq!(sender.say(&room, "while refused").await, 2);
+    let started = Instant::now();
+    while senders_gw.counter("chat_publish_failures_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the publish was never given up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The room stays quiet; once Redis answers, the reader gets the message all the same.
+    proxy.accept_again();
+    let message = reader.next_message().await;
+    assert_eq!(
+        (message["seq"].clone(), message["body"].clone()),
+        (json!(2), json!("while refused"))
+    );
+    senders_gw.kill();
+    readers_gw.stop().await;
+}

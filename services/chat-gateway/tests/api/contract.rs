@@ -312,6 +312,25 @@ async fn history_and_resume_body(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    // Past every seq there is: an empty page, in either store.
+    let page: Value = http
+        .get(format!("{url}?after={}", u64::MAX))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (page["messages"].clone(), page["has_more"].clone()),
+        (json!([]), json!(false))
+    );
+    // A method the path does not take: 405, with the API's error body.
+    let r = http.delete(&url).bearer_auth(&tb).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
     let r = http
         .get(format!("{url}?limit=500"))
         .bearer_auth(&tb)
@@ -663,10 +682,249 @@ async fn limits_body(backend: Backend) {
         }
         other => panic!("third connection was not refused: {other:?}"),
     }
-    // Heartbeat: a client that answers nothing (not even pings) is closed after 2.5 beats.
-    let started = std::time::Instant::now();
+    // Heartbeat: a client that answers nothing (not even pings: it reads nothing, so its
+    // WebSocket library sends no pong) is closed after 2.5 beats.
+    let silent_since = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(first.closed().await, 4001);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let silent = silent_since.elapsed();
+    assert!(
+        silent >= Duration::from_millis(500) && silent < Duration::from_secs(3),
+        "closed after {silent:?} of silence"
+    );
+    gw.stop().await;
+}
+
+/// Bob, in `room` with Alice, sends `n` long messages while Alice reads nothing; returns once
+/// Bob has his own copy of the last one, so Alice's copies are queued for her by then.
+async fn back_up(bob: &mut Client, room: &str, n: usize, body: &str) {
+    for _ in 0..n {
+        bob.send(json!({"type": "send", "room": room, "body": body}))
+            .await;
+    }
+    let mut last = 0;
+    while last < n {
+        let frame = bob.recv().await;
+        if frame["type"] == "message" && frame["from"] == json!(bob.user) {
+            last += 1;
+        }
+    }
+}
+
+/// Alice's next frames up to and including the first of `kind`: the seqs of the messages before it.
+async fn messages_before(alice: &mut Client, kind: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    loop {
+        let frame = alice.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => seqs.push(frame["seq"].as_u64().unwrap()),
+            Some(k) if k == kind => return seqs,
+            _ => {}
+        }
+    }
+}
+
+/// An embedded gateway where Bob may send fast and many frames may queue for a connection,
+/// with Alice, on a socket with a tiny receive buffer, in a room with him.
+struct BackedUp {
+    _services: Services,
+    gw: Gateway,
+    alice: Client,
+    bob: Client,
+    room: String,
+}
+
+async fn backed_up(tweak: impl FnOnce(&mut chat_gateway::Settings)) -> BackedUp {
+    let (services, gw) = embedded_gateway(|settings| {
+        settings.rate_per_sec = 10_000;
+        settings.rate_burst = 10_000;
+        settings.outbound_queue = 4096;
+        tweak(settings);
+    })
+    .await;
+    let (alice_name, alice_token) = register(gw.port, "alice").await;
+    let (bob_name, bob_token) = register(gw.port, "bob").await;
+    let mut alice = Client::connect_small_buffer(gw.port, &alice_name, &alice_token).await;
+    let mut bob = Client::connect(gw.port, &bob_name, &bob_token).await;
+    let room = unique("backed");
+    alice.join(&room).await;
+    bob.join(&room).await;
+    BackedUp {
+        _services: services,
+        gw,
+        alice,
+        bob,
+        room,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_and_left_come_after_the_rooms_queued_messages() {
+    let BackedUp {
+        _services,
+        gw,
+        mut alice,
+        mut bob,
+        room,
+    } = backed_up(|_| {}).await;
+    // More than the kernel's socket buffers hold (4 MiB at most for the gateway's side), so
+    // that the rest waits in the gateway.
+    let body = "x".repeat(3900);
+    let n = 1500;
+
+    // Alice's socket is full and most of the room's messages wait in her queue when she joins
+    // again from the start: they come first, then `joined`, then the whole backlog, once each.
+    back_up(&mut bob, &room, n, &body).await;
+    alice
+        .send(json!({"type": "join", "room": room, "since": 0}))
+        .await;
+    let in_order = |seqs: &[u64], from: u64| seqs.iter().copied().eq(from..from + n as u64);
+    let before = messages_before(&mut alice, "joined").await;
+    assert!(
+        in_order(&before, 1),
+        "{} live messages before joined, not 1..={n}",
+        before.len()
+    );
+    let backlog = message_seqs(&mut alice, n).await;
+    assert!(
+        in_order(&backlog, 1),
+        "the backlog is not 1..={n} once each"
+    );
+
+    // The same for a leave: every message queued before it comes before `left`.
+    back_up(&mut bob, &room, n, &body).await;
+    alice.send(json!({"type": "leave", "room": room})).await;
+    let before = messages_before(&mut alice, "left").await;
+    assert!(
+        in_order(&before, n as u64 + 1),
+        "{} messages before left, not {n}",
+        before.len()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_of_the_longest_messages_arrives_whole() {
+    let (_services, gw) = embedded_gateway(|settings| {
+        settings.rate_per_sec = 10_000;
+        settings.rate_burst = 10_000;
+    })
+    .await;
+    let (user, token) = register(gw.port, "long").await;
+    let mut client = Client::connect(gw.port, &user, &token).await;
+    let room = unique("long");
+    client.join(&room).await;
+    // 4000 three-byte characters: 12 KB a message, a page of 200 is 2.4 MB, far past the
+    // largest frame a client may send.
+    let body = "語".repeat(4000);
+    for _ in 0..200 {
+        client.say(&room, &body).await;
+    }
+    client.forget_stash();
+    let page = client
+        .request(json!({"type": "history", "room": room, "limit": 200}))
+        .await;
+    assert_eq!(page["type"], "history", "{}", page["type"]);
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 200);
+    assert!(messages.iter().all(|m| m["body"] == json!(body)));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smallest_frame_limit_still_takes_the_longest_message() {
+    use chat_gateway::config::MIN_FRAME_BYTES;
+    let (_services, gw) =
+        embedded_gateway(|settings| settings.max_frame_bytes = MIN_FRAME_BYTES).await;
+    let (user, token) = register(gw.port, "edge").await;
+    let mut c = Client::connect(gw.port, &user, &token).await;
+    let room = unique("edge");
+    c.join(&room).await;
+    // 4000 characters outside the BMP, each escaped as a surrogate pair: 12 bytes apiece.
+    let escaped = r"\ud83d\ude00".repeat(4000);
+    let frame = |padding: usize| {
+        let head = format!(r#"{{"type":"send","room":"{room}","ref":1,"body":"{escaped}""#);
+        format!("{head}{}}}", " ".repeat(padding))
+    };
+    let at_limit = frame(0).len();
+    assert!(at_limit <= MIN_FRAME_BYTES);
+    c.send_text(frame(MIN_FRAME_BYTES - at_limit)).await;
+    let sent = c.recv_type("sent").await;
+    assert_eq!(sent["seq"], 1);
+    let stored = c.request(json!({"type":"history","room":room})).await;
+    assert_eq!(stored["messages"][0]["body"], json!("😀".repeat(4000)));
+    // One byte more is a frame over the limit.
+    c.send_text(frame(MIN_FRAME_BYTES - at_limit + 1)).await;
+    assert_eq!(c.closed().await, 1009);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_limits_hold_at_their_edges() {
+    let (_services, gw) = embedded_gateway(|settings| {
+        settings.api_body_limit_bytes = 1024;
+        settings.rooms_list_limit = 2;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    // A request body of exactly the limit is read; one byte more is refused with 413.
+    let body = |name: &str, size: usize| {
+        let json = json!({"username": name, "password": "password123"}).to_string();
+        format!("{json}{}", " ".repeat(size - json.len()))
+    };
+    let register = |text: String| {
+        http.post(gw.http("/api/register"))
+            .header("content-type", "application/json")
+            .body(text)
+            .send()
+    };
+    let name = unique("edge");
+    let r = register(body(&name, 1024)).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = register(body(&unique("over"), 1025)).await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "too_large"
+    );
+
+    // The room list stops at its limit.
+    let mut client = Client::connect(gw.port, &name, &token).await;
+    for room in ["list-a", "list-b", "list-c"] {
+        client.join(room).await;
+    }
+    let rooms: Value = http
+        .get(gw.http("/api/rooms"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rooms["rooms"].as_array().unwrap().len(), 2, "{rooms}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_takes_no_writes_is_closed_after_the_write_timeout() {
+    let BackedUp {
+        _services,
+        gw,
+        mut alice,
+        mut bob,
+        room,
+    } = backed_up(|settings| settings.write_timeout_ms = 300).await;
+    // Far more than the socket buffers hold, while Alice reads nothing: her socket stops
+    // taking writes, and the queue (large enough) never overflows.
+    back_up(&mut bob, &room, 1500, &"x".repeat(3900)).await;
+    // Alice reads what reached her, then finds the connection gone.
+    alice.dropped().await;
+    // Bob, who reads, is still served.
+    assert_eq!(bob.say(&room, "still here").await, 1501);
     gw.stop().await;
 }

@@ -91,6 +91,16 @@ impl Services {
     }
 }
 
+/// An embedded gateway on the test settings changed by `tweak`. The services hold its data
+/// folder: keep them as long as the gateway.
+pub async fn embedded_gateway(tweak: impl FnOnce(&mut Settings)) -> (Services, Gateway) {
+    let services = Services::start(Backend::Embedded);
+    let mut settings = services.settings();
+    tweak(&mut settings);
+    let gateway = Gateway::start(settings).await;
+    (services, gateway)
+}
+
 /// An in-process gateway.
 pub struct Gateway {
     pub port: u16,

@@ -1,11 +1,13 @@
 //! A TCP proxy that can silently freeze the connections it carries: bytes stop flowing both
 //! ways but no socket is closed, as with a dead NAT entry or a hung peer. New connections made
-//! after a freeze flow normally.
+//! after a freeze flow normally. It can also refuse: close what it carries and every new
+//! connection, as an unreachable server does, until told to accept again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub struct FreezingProxy {
@@ -13,6 +15,9 @@ pub struct FreezingProxy {
     /// Connections opened in a generation below this one are frozen.
     frozen_below: Arc<AtomicU64>,
     generation: Arc<AtomicU64>,
+    refusing: Arc<AtomicBool>,
+    /// Bumped to close every connection open now.
+    cuts: watch::Sender<u64>,
     _tasks: JoinSet<()>,
 }
 
@@ -22,23 +27,36 @@ impl FreezingProxy {
         let port = listener.local_addr().unwrap().port();
         let frozen_below = Arc::new(AtomicU64::new(0));
         let generation = Arc::new(AtomicU64::new(0));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (cuts, _) = watch::channel(0u64);
         let mut tasks = JoinSet::new();
-        let (fb, gen_) = (frozen_below.clone(), generation.clone());
+        let (fb, gen_, refuse) = (frozen_below.clone(), generation.clone(), refusing.clone());
+        let cut_rx = cuts.subscribe();
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
                     continue;
                 };
                 let mine = gen_.load(Ordering::SeqCst);
                 let fb = fb.clone();
+                let mut cut = cut_rx.clone();
+                let cut_at_start = *cut.borrow_and_update();
                 connections.spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let fb2 = fb.clone();
                     let up = async move { pump(&mut cr, &mut sw, mine, &fb).await };
                     let down = async move { pump(&mut sr, &mut cw, mine, &fb2).await };
-                    tokio::join!(up, down);
+                    // Returning drops all four halves: both sockets close.
+                    tokio::select! {
+                        _ = async { tokio::join!(up, down) } => {}
+                        _ = cut.wait_for(|&n| n > cut_at_start) => {}
+                    }
                 });
             }
         });
@@ -46,6 +64,8 @@ impl FreezingProxy {
             port,
             frozen_below,
             generation,
+            refusing,
+            cuts,
             _tasks: tasks,
         }
     }
@@ -57,6 +77,16 @@ impl FreezingProxy {
     /// `url` (of the proxied server) with its port replaced by the proxy's.
     pub fn rewrite(&self, url: &str, upstream_port: u16) -> String {
         url.replace(&format!(":{upstream_port}/"), &format!(":{}/", self.port))
+    }
+
+    /// Closes every connection open now, and each new one at once, until `accept_again`.
+    pub fn refuse(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    pub fn accept_again(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
     }
 
     /// Freezes every connection open now.
