@@ -648,10 +648,17 @@ impl Actor {
         send_text(ws, frame.encode(Some(&Value::from(reference)))).await
     }
 
-    /// Sends every queued message whose room is joined (only `room`'s, if given).
+    /// Sends the oldest queued message of every joined room (only `room`'s, if given). One
+    /// send per room is in flight at a time, and the next goes when it is acked: a send that is
+    /// refused for now (rate limited) and tried again must not land after later ones.
     async fn flush_outbox(&mut self, ws: &mut Ws, room: Option<&RoomName>) -> Result<(), String> {
         let mut frames = Vec::new();
+        let mut waiting: Vec<&RoomName> = Vec::new();
         for outgoing in &mut self.outbox {
+            if waiting.contains(&&outgoing.room) {
+                continue;
+            }
+            waiting.push(&outgoing.room);
             let ready = self
                 .rooms
                 .get(&outgoing.room)
@@ -760,11 +767,14 @@ impl Actor {
                 if let Some(Pending::Send(client_id)) = pending {
                     self.outbox.retain(|o| o.client_id != client_id);
                     self.emit(Event::Sent {
-                        room,
+                        room: room.clone(),
                         seq,
                         client_id,
                     })
                     .await;
+                    self.flush_outbox(ws, Some(&room))
+                        .await
+                        .map_err(End::Lost)?;
                 }
             }
             ServerFrame::Typing { room, user } => {

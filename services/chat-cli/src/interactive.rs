@@ -70,6 +70,7 @@ pub async fn run(room: &str) -> Result<(), Failure> {
         rooms: BTreeSet::new(),
         online: HashMap::new(),
         unsent: HashMap::new(),
+        refused: 0,
         typing_shown: HashMap::new(),
         connected: false,
         last_retry: None,
@@ -210,6 +211,8 @@ struct View {
     online: HashMap<RoomName, BTreeSet<Username>>,
     /// Sends not acknowledged yet.
     unsent: HashMap<ClientId, RoomName>,
+    /// Messages refused for good, here or by the server (each was reported when it happened).
+    refused: usize,
     typing_shown: HashMap<(RoomName, Username), Instant>,
     connected: bool,
     /// The last reconnect failure shown, and when.
@@ -278,18 +281,20 @@ impl View {
                     Ok(None) | Err(_) => break,
                 }
             }
-            if !self.unsent.is_empty() {
-                self.output.notice(&format!(
-                    "!! {} message(s) were not sent",
-                    self.unsent.len()
-                ));
-            }
         }
         drop(self.connection);
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while events.recv().await.is_some() {}
         })
         .await;
+        // Whoever piped messages in learns from the exit status that some did not go.
+        let not_sent = self.unsent.len() + self.refused;
+        if not_sent > 0 {
+            return Err(Failure::new(
+                "not_sent",
+                format!("{not_sent} message(s) were not sent"),
+            ));
+        }
         Ok(())
     }
 
@@ -354,7 +359,10 @@ impl View {
                 let client_id = self.connection.send(room.clone(), body);
                 self.unsent.insert(client_id, room);
             }
-            Err(e) => self.output.notice(&format!("!! not sent: {e}")),
+            Err(e) => {
+                self.refused += 1;
+                self.output.notice(&format!("!! not sent: {e}"));
+            }
         }
     }
 
@@ -562,6 +570,7 @@ impl View {
                 let line = match about {
                     About::Send { room, client_id } => {
                         self.unsent.remove(&client_id);
+                        self.refused += 1;
                         format!("!! {}not sent: {code}: {message}", self.about(&room))
                     }
                     About::Join(room) => {

@@ -545,3 +545,32 @@ fn interactive_commands() {
 
     gateway.stop(&runtime);
 }
+
+#[test]
+fn piped_lines_arrive_in_order_through_the_rate_limit_and_a_refused_one_fails_the_run() {
+    let runtime = runtime();
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start_with(&runtime, data.path(), 0, |s| {
+        s.rate_per_sec = 2;
+        s.rate_burst = 2;
+    });
+    let alice = User::register("alice", &gateway.server());
+    let mut live = Interactive::start(&alice, "queue");
+    live.expect(Stream::Err, "joined queue");
+    // Three times the burst at once: some are refused for now and sent again, and all arrive,
+    // in the order typed.
+    for i in 1..=6 {
+        live.type_line(&format!("line {i}"));
+    }
+    live.expect(Stream::Out, "alice: line 6");
+    let lines: Vec<String> = live.messages().into_iter().map(|(_, m)| m).collect();
+    let typed: Vec<String> = (1..=6).map(|i| format!("alice: line {i}")).collect();
+    assert_eq!(lines, typed, "{}", live.dump());
+    // A line that cannot be sent: the run ends with status 1, saying so.
+    live.type_line(&"x".repeat(4001));
+    live.expect(Stream::Err, "not sent");
+    let status = live.end_input();
+    assert_eq!(status.code(), Some(1), "{}", live.dump());
+    live.expect(Stream::Err, "not_sent: 1 message(s) were not sent");
+    gateway.stop(&runtime);
+}

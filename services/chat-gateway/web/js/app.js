@@ -229,7 +229,7 @@ function onConnectionState({ state, gateway }) {
 }
 
 function onWelcome() {
-  // Resume every open room from the highest seq held; the backlog fills the gap.
+  // Resume every open room from the last seq received; the backlog fills the gap.
   for (const room of rooms.values()) joinRoom(room);
   refreshRoomList();
 }
@@ -238,6 +238,7 @@ function onServerEvent(frame) {
   const room = rooms.get(frame.room);
   if (!room) return;
   if (frame.type === 'message') {
+    room.noteReceived(frame.seq);
     insertMessages(room, [frame], 'live');
   } else if (frame.type === 'typing') {
     if (typeof frame.user !== 'string' || frame.user === me) return;
@@ -681,7 +682,11 @@ async function flushOutbox(room) {
           joinRoom(room);
           break;
         }
-        if (['rate_limited', 'unavailable', 'internal'].includes(error.code)) {
+        // Worth trying again shortly; but a server error that repeats is not going away, and
+        // must not hold back the room's later messages for ever.
+        item.errors = (item.errors || 0) + 1;
+        const transient = ['rate_limited', 'unavailable'].includes(error.code);
+        if (transient || (error.code === 'internal' && item.errors < 3)) {
           item.state = 'queued';
           renderPendingStatus(item);
           setTimeout(() => flushOutbox(room), 1000);

@@ -51,6 +51,8 @@ export class Connection extends EventTarget {
     this.helloTimer = null;
     this.pingTimer = null;
     this.lastHeard = 0;
+    /** When the ping that is still unanswered was sent (0: none). */
+    this.pingSentAt = 0;
     this.stopped = true;
     this.onOnline = () => {
       if (!this.stopped && this.retryTimer !== null) this.retryNow();
@@ -137,7 +139,7 @@ export class Connection extends EventTarget {
       this.lastHeard = Date.now();
       socket.send(JSON.stringify({ type: 'hello', token: this.token, ref: helloRef }));
       this.helloTimer = setTimeout(() => {
-        if (socket === this.socket && !welcomed) socket.close(4000, 'no welcome');
+        if (socket === this.socket && !welcomed) this.abandon(4000, 'no welcome');
       }, HELLO_TIMEOUT_MS);
     });
 
@@ -201,17 +203,22 @@ export class Connection extends EventTarget {
     const heartbeat = Number.isFinite(heartbeatMs) && heartbeatMs > 0 ? heartbeatMs : 25000;
     const every = Math.min(Math.max(heartbeat / 2, 2000), 20000);
     clearInterval(this.pingTimer);
+    this.pingSentAt = 0;
     this.pingTimer = setInterval(() => {
       const socket = this.socket;
       if (!socket || socket.readyState !== WebSocket.OPEN) return;
-      // Nothing heard (not even our pongs) for a long while: the path is dead.
-      if (Date.now() - this.lastHeard > every * 2 + 5000) {
-        socket.close(4000, 'no pong');
+      const now = Date.now();
+      if (this.pingSentAt && this.lastHeard < this.pingSentAt) {
+        // Nothing heard since our ping, not even its pong. Judged by the ping, not by the
+        // clock: a background tab runs this timer as rarely as once a minute, and a quiet
+        // but healthy socket must survive that.
+        if (now - this.pingSentAt > every + 5000) this.abandon(4000, 'no pong');
         return;
       }
       const ref = `p-${this.nextRef++}`;
       this.waiting.set(ref, { resolve() {}, reject() {} });
       this.write({ type: 'ping', ref });
+      this.pingSentAt = now;
     }, every);
   }
 
@@ -222,6 +229,16 @@ export class Connection extends EventTarget {
     const waiting = [...this.waiting.values()];
     this.waiting.clear();
     for (const pending of waiting) pending.reject(new ConnectionLost());
+  }
+
+  /**
+   * Gives the socket up now and reconnects: over a dead path its closing handshake can take
+   * minutes, while the page would show it online and hold sends as "Sending…".
+   */
+  abandon(code, reason) {
+    this.teardown(code, reason);
+    this.dispatchEvent(new CustomEvent('closed', { detail: { code, reason } }));
+    this.scheduleRetry();
   }
 
   teardown(code, reason) {

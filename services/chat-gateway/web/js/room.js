@@ -29,6 +29,12 @@ export class Room {
     this.bySeq = new Map();
     /** `joined.last_seq` of the first join: the resume point while no message is held. */
     this.baseline = null;
+    /**
+     * The highest seq that arrived as a `message` frame. Those arrive in order with no gap
+     * from a join on, so everything up to it is held. A `sent` does not move it: another
+     * user's message with a lower seq may still be on its way when our own is acked.
+     */
+    this.received = 0;
     /** Connection generation on which the join succeeded (0: not joined now). */
     this.joinedOn = 0;
     this.joining = null;
@@ -48,9 +54,14 @@ export class Room {
     return this.seqs.length ? this.seqs[0] : 0;
   }
 
-  /** The `since` of a resume: the highest seq held (everything up to it is held). */
+  /** The `since` of a resume: the highest seq up to which everything is held. */
   resumeSince() {
-    return Math.max(this.maxSeq, this.baseline ?? 0);
+    return Math.max(this.received, this.baseline ?? 0);
+  }
+
+  /** A `message` frame arrived (held already or not). */
+  noteReceived(seq) {
+    if (Number.isInteger(seq) && seq > this.received) this.received = seq;
   }
 
   has(seq) {
