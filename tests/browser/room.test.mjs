@@ -26,3 +26,19 @@ test('before any message, a resume starts from the first join', () => {
   room.baseline = 7;
   assert.equal(room.resumeSince(), 7);
 });
+
+test('a room keeps its newest messages, and knows the older ones can be read again', () => {
+  const room = new Room('busy');
+  room.baseline = 0;
+  room.hasOlder = false;
+  for (let seq = 1; seq <= 10; seq += 1) {
+    room.noteReceived(seq);
+    room.add({ seq, from: 'bob', body: `m${seq}` });
+  }
+  assert.equal(room.dropOldest(4), 6);
+  assert.deepEqual(room.seqs, [7, 8, 9, 10]);
+  assert.equal(room.has(6), false);
+  assert.equal(room.hasOlder, true, 'scroll-back reads the dropped ones again');
+  assert.equal(room.resumeSince(), 10, 'the resume point is about the newest');
+  assert.equal(room.dropOldest(4), 0);
+});

@@ -16,6 +16,8 @@ const NEAR_TOP_PX = 120;
 const GROUP_WITHIN_MS = 5 * 60 * 1000;
 const ROOM_LIST_REFRESH_MS = 60000;
 const MAX_BODY_CHARS = 4000;
+/** Messages a room keeps in memory and on the page; older ones are read again on scroll-back. */
+const MAX_KEPT_PER_ROOM = 2000;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -512,6 +514,7 @@ function insertMessages(room, rawMessages, source) {
     }
   }
   if (!added) return;
+  if (source === 'live') keepRecent(room, onScreen && !wasAtBottom);
   if (onScreen) {
     if (source === 'older') {
       box.scrollTop = box.scrollHeight - fromBottom; // keep the same message in view
@@ -526,6 +529,19 @@ function insertMessages(room, rawMessages, source) {
     room.unread += fresh;
     renderRoomList();
   }
+}
+
+/**
+ * A long session in a busy room must not grow without bound: past MAX_KEPT_PER_ROOM, the
+ * oldest messages go (scrolling back reads them again). Not while the reader is scrolled up,
+ * where they may be what is on screen; the next live message at the bottom trims then.
+ */
+function keepRecent(room, readingOlder) {
+  if (readingOlder || room.seqs.length <= MAX_KEPT_PER_ROOM) return;
+  const dropped = room.dropOldest(MAX_KEPT_PER_ROOM);
+  const list = room.view.list;
+  for (let i = 0; i < dropped && list.firstElementChild; i++) list.firstElementChild.remove();
+  regroup(list, 0);
 }
 
 function renderNewMessages() {

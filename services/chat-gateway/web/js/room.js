@@ -87,6 +87,18 @@ export class Room {
     return lo;
   }
 
+  /**
+   * Forgets the oldest messages beyond `keep` (scroll-back reads them again). Returns how many
+   * were forgotten. The resume point does not move: it is about the newest.
+   */
+  dropOldest(keep) {
+    const excess = this.seqs.length - keep;
+    if (excess <= 0) return 0;
+    for (const seq of this.seqs.splice(0, excess)) this.bySeq.delete(seq);
+    this.hasOlder = true;
+    return excess;
+  }
+
   /** The seq that follows `seq` among those held, or null. */
   nextSeqAfter(seq) {
     const index = this.seqs.indexOf(seq);
