@@ -6,7 +6,7 @@ use crate::error::Failure;
 use crate::format::message_line;
 use crate::session::{self, Session};
 use chat_protocol::api::MessagesQuery;
-use chat_protocol::{ErrorCode, MessageBody, Password, RoomName, Username};
+use chat_protocol::{ClientId, ErrorCode, MessageBody, Password, RoomName, Username};
 use std::io::BufRead;
 use std::time::Duration;
 
@@ -144,20 +144,31 @@ pub async fn history(room: &str, limit: u32, before: Option<u64>) -> Result<(), 
     Ok(())
 }
 
-/// `chat send`: joins, sends with a fresh `client_id`, and waits for `sent`; the seq.
+/// `chat send`: joins, sends with `client_id` (a fresh one if not given), and waits for
+/// `sent`; the seq.
 ///
 /// A dropped connection is retried within `wait` (the `client_id` makes the retry safe), so a
-/// script survives a gateway restart.
-pub async fn send(room: &str, text: &str, wait: Duration) -> Result<u64, Failure> {
+/// script survives a gateway restart. Past `wait`, the error names the `client_id`, so that the
+/// script can run the command again with it and store the message at most once.
+pub async fn send(
+    room: &str,
+    text: &str,
+    wait: Duration,
+    client_id: Option<&str>,
+) -> Result<u64, Failure> {
     let session = session::require()?;
     let room = RoomName::parse(room)?;
     let body = MessageBody::parse(text)?;
+    let chosen = client_id.map(ClientId::parse).transpose()?;
     let (connection, mut events) = conn::connect(conn::Config {
         server: session.server.clone(),
         token: session.token,
     });
     connection.join(room.clone(), 0);
-    let client_id = connection.send(room.clone(), body);
+    let client_id = match chosen {
+        Some(id) => connection.send_as(room.clone(), body, id),
+        None => connection.send(room.clone(), body),
+    };
     let mut problem: Option<String> = None;
     let mut connected = false;
     let outcome = tokio::time::timeout(wait, async {
@@ -194,13 +205,18 @@ pub async fn send(room: &str, text: &str, wait: Duration) -> Result<u64, Failure
         while events.recv().await.is_some() {}
     })
     .await;
+    // It may have been stored: the same command with this id stores it at most once.
+    let retry = format!(
+        "; to try again without a duplicate: chat send --client-id {} {room} ...",
+        client_id.as_str()
+    );
     match outcome {
         Ok(result) => result,
         Err(_) => Err(match problem {
             Some(reason) if !connected => Failure::server(
                 ErrorCode::Unavailable,
                 format!(
-                    "cannot reach {}: {reason} (gave up after {}s)",
+                    "cannot reach {}: {reason} (gave up after {}s){retry}",
                     session.server,
                     wait.as_secs_f32()
                 ),
@@ -208,13 +224,13 @@ pub async fn send(room: &str, text: &str, wait: Duration) -> Result<u64, Failure
             Some(reason) => Failure::new(
                 "timeout",
                 format!(
-                    "not acknowledged within {}s (last problem: {reason})",
+                    "not acknowledged within {}s (last problem: {reason}){retry}",
                     wait.as_secs_f32()
                 ),
             ),
             None => Failure::new(
                 "timeout",
-                format!("not acknowledged within {}s", wait.as_secs_f32()),
+                format!("not acknowledged within {}s{retry}", wait.as_secs_f32()),
             ),
         }),
     }

@@ -194,7 +194,11 @@ impl Connection {
 
     /// Sends `body` to a room this connection joined; returns the message's `client_id`.
     pub fn send(&self, room: RoomName, body: MessageBody) -> ClientId {
-        let client_id = new_client_id();
+        self.send_as(room, body, new_client_id())
+    }
+
+    /// Sends with the caller's `client_id` (a retry of an earlier attempt).
+    pub fn send_as(&self, room: RoomName, body: MessageBody, client_id: ClientId) -> ClientId {
         self.command(Command::Send(Outgoing {
             room,
             body,

@@ -62,6 +62,11 @@ enum Command {
         /// Seconds to wait for the acknowledgement (reconnecting meanwhile if needed).
         #[arg(long, default_value_t = 10, value_name = "SECS")]
         timeout: u64,
+        /// The message's idempotency key (1 to 64 bytes). Sending again with the same key
+        /// after a timeout stores the message at most once. Default: a fresh one, printed
+        /// with a timeout error.
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
     },
     /// Open a room interactively (the same as `chat ROOM`).
     Open {
@@ -128,9 +133,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 room,
                 text,
                 timeout,
+                client_id,
             } => {
                 let wait = Duration::from_secs(timeout.max(1));
-                let seq = commands::send(&room, &text.join(" "), wait).await?;
+                let seq =
+                    commands::send(&room, &text.join(" "), wait, client_id.as_deref()).await?;
                 println!("{seq}");
             }
             Command::Open { room } => interactive::run(&room).await?,

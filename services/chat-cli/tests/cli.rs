@@ -338,6 +338,11 @@ fn accounts_and_one_shot_commands() {
     // send prints the seq; rooms and history show the message.
     assert_eq!(alice.send("general", "hello from the cli"), 1);
     assert_eq!(alice.ok(&["send", "general", "two", "words"]).trim(), "2");
+    // A retry with the same client id stores nothing new: it answers the first seq.
+    for _ in 0..2 {
+        let seq = alice.ok(&["send", "--client-id", "retry-1", "general", "once"]);
+        assert_eq!(seq.trim(), "3");
+    }
     let rooms = alice.ok(&["rooms"]);
     assert!(rooms.lines().any(|l| l.starts_with("general")), "{rooms}");
     let history = alice.ok(&["history", "general"]);
@@ -346,7 +351,8 @@ fn accounts_and_one_shot_commands() {
         lines,
         [
             (1, "alice: hello from the cli".to_string()),
-            (2, "alice: two words".to_string())
+            (2, "alice: two words".to_string()),
+            (3, "alice: once".to_string())
         ]
     );
     let page = alice.ok(&["history", "general", "--limit", "1", "--before", "2"]);
@@ -379,6 +385,10 @@ fn accounts_and_one_shot_commands() {
     // With no gateway at all, send gives up with `unavailable`.
     let err = bob.fails(&["send", "--timeout", "1", "general", "anyone?"]);
     assert!(err.contains("unavailable"), "{err}");
+    assert!(
+        err.contains("chat send --client-id "),
+        "names the id to retry with: {err}"
+    );
 }
 
 #[test]
