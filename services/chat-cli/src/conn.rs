@@ -426,13 +426,17 @@ impl Actor {
         }
         // The gateway pings every `heartbeat`; much longer silence means a dead peer.
         let silence = heartbeat.mul_f64(2.5).max(Duration::from_secs(5));
+        // Moved only by what the gateway sends: typing (a command) must not keep a silently
+        // dead connection looking alive.
+        let mut heard_by = Instant::now() + silence;
         loop {
             let resend_at = self.resend_at;
             tokio::select! {
-                next = timeout(silence, ws.next()) => {
+                next = timeout_at(heard_by, ws.next()) => {
                     let Ok(next) = next else {
                         return End::Lost(format!("nothing heard from the gateway for {silence:?}"));
                     };
+                    heard_by = Instant::now() + silence;
                     match next {
                         Some(Ok(Message::Text(text))) => {
                             if let Err(end) = self.on_frame(ws, &text).await {
