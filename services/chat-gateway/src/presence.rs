@@ -117,11 +117,6 @@ impl Presence {
         }
     }
 
-    /// How many keys wait for a repair.
-    pub fn marked(&self) -> usize {
-        self.inner.lock().marked.len()
-    }
-
     fn mark(&self, room: &RoomName, user: &Username) {
         let mut state = self.inner.lock();
         Self::mark_locked(&self.inner, &mut state, (room.clone(), user.clone()));

@@ -100,11 +100,7 @@ impl Session {
     }
 
     async fn push(&self, text: Utf8Bytes) -> Result<(), Gone> {
-        let reply = Reply {
-            text,
-            after_fanout: 0,
-        };
-        self.replies.send(reply).await.map_err(|_| Gone)
+        self.queue_reply(text, 0).await
     }
 
     /// Queues a `joined` or `left`, after the room events of the membership it ends (the room
@@ -114,10 +110,12 @@ impl Session {
         frame: ServerFrame,
         reference: Option<Ref>,
     ) -> Result<(), Gone> {
-        let reply = Reply {
-            text: Utf8Bytes::from(frame.encode(reference)),
-            after_fanout: self.outbox.fanout.mark(),
-        };
+        let text = Utf8Bytes::from(frame.encode(reference));
+        self.queue_reply(text, self.outbox.fanout.mark()).await
+    }
+
+    async fn queue_reply(&self, text: Utf8Bytes, after_fanout: u64) -> Result<(), Gone> {
+        let reply = Reply { text, after_fanout };
         self.replies.send(reply).await.map_err(|_| Gone)
     }
 

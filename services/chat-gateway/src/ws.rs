@@ -83,39 +83,40 @@ fn is_too_big(e: &axum::Error) -> bool {
     false
 }
 
+/// Answers a failed handshake: an `error` frame, then the close frame of `end`.
 async fn refuse(
     socket: &mut WebSocket,
     reference: Option<Ref>,
-    code: u16,
+    end: End,
     error: ErrorCode,
     message: &str,
 ) {
-    // The same labels and close reasons as a session that ends the same way.
-    let (label, reason) = match code {
-        CLOSE_TOO_BIG => (End::TooLarge.label(), "frame too large"),
-        CLOSE_SERVICE_RESTART => (End::Drain.label(), "gateway restarting"),
-        _ => ("unauthorized", "unauthorized"),
-    };
-    metrics::counter!("chat_connections_closed_total", "reason" => label).increment(1);
+    metrics::counter!("chat_connections_closed_total", "reason" => end.label()).increment(1);
     metrics::counter!("chat_errors_sent_total", "code" => error.as_str()).increment(1);
     let frame = ServerFrame::error(error, message).encode(reference);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         socket.send(Message::Text(frame.into())).await?;
-        socket.send(close_message(code, reason)).await
+        if let Some((code, reason)) = end.close_frame() {
+            socket.send(close_message(code, reason)).await?;
+        }
+        Ok::<(), axum::Error>(())
     })
     .await;
 }
+
+/// Why a handshake failed: the reply's ref, how the connection ends, and the error to send.
+type Refusal = (Option<Ref>, End, ErrorCode, &'static str);
 
 /// Waits for `hello` and checks its token.
 async fn handshake(
     ctx: &SharedContext,
     socket: &mut WebSocket,
     slot: &SessionSlot,
-) -> Result<(Username, Option<Ref>), (Option<Ref>, u16, ErrorCode, &'static str)> {
+) -> Result<(Username, Option<Ref>), Refusal> {
     let unauthorized = |r| {
         (
             r,
-            CLOSE_POLICY,
+            End::Unauthorized,
             ErrorCode::Unauthorized,
             "first frame must be hello with a valid token",
         )
@@ -123,18 +124,18 @@ async fn handshake(
     let first = tokio::select! {
         first = tokio::time::timeout(ctx.settings.hello_timeout(), socket.next()) => first,
         _ = slot.close.cancelled() => {
-            return Err((None, CLOSE_SERVICE_RESTART, ErrorCode::Unavailable, "gateway is draining"));
+            return Err((None, End::Drain, ErrorCode::Unavailable, "gateway is draining"));
         }
     };
     let text = match first {
         Ok(Some(Ok(Message::Text(text)))) => text,
         Ok(Some(Err(e))) if is_too_big(&e) => {
-            return Err((None, CLOSE_TOO_BIG, ErrorCode::TooLarge, "frame too large"));
+            return Err((None, End::TooLarge, ErrorCode::TooLarge, "frame too large"));
         }
         Err(_) => {
             return Err((
                 None,
-                CLOSE_POLICY,
+                End::Unauthorized,
                 ErrorCode::Unauthorized,
                 "no hello within the timeout",
             ));
@@ -146,7 +147,7 @@ async fn handshake(
             Ok(user) => Ok((user, reference)),
             Err(_) => Err((
                 reference,
-                CLOSE_POLICY,
+                End::Unauthorized,
                 ErrorCode::Unauthorized,
                 "invalid or expired token",
             )),
@@ -189,8 +190,8 @@ impl Connection {
         let socket = &mut self.link.socket;
         let (user, reference) = match handshake(&self.ctx, socket, &self.slot).await {
             Ok(ok) => ok,
-            Err((reference, code, error, message)) => {
-                refuse(socket, reference, code, error, message).await;
+            Err((reference, end, error, message)) => {
+                refuse(socket, reference, end, error, message).await;
                 linger(socket).await;
                 return;
             }
@@ -369,6 +370,8 @@ enum End {
     Error,
     /// The socket stopped taking writes (failed, or no flush within the write timeout).
     Gone,
+    /// No valid `hello` (the handshake only).
+    Unauthorized,
 }
 
 impl End {
@@ -382,6 +385,19 @@ impl End {
             End::TooLarge => "too_large",
             End::Error => "error",
             End::Gone => "gone",
+            End::Unauthorized => "unauthorized",
+        }
+    }
+
+    /// The close frame the server sends for it, if it sends its own (a client's close is
+    /// answered instead, a dead socket just closed, and a slow consumer's is sent when kicked).
+    fn close_frame(self) -> Option<(u16, &'static str)> {
+        match self {
+            End::Drain => Some((CLOSE_SERVICE_RESTART, "gateway restarting")),
+            End::HeartbeatTimeout => Some((CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")),
+            End::TooLarge => Some((CLOSE_TOO_BIG, "frame too large")),
+            End::Unauthorized => Some((CLOSE_POLICY, "unauthorized")),
+            End::ClientClosed | End::Error | End::Gone | End::SlowConsumer => None,
         }
     }
 }
@@ -551,14 +567,9 @@ impl Link {
                 ))
                 .await;
         }
-        let (code, reason) = match end {
-            End::Drain => (CLOSE_SERVICE_RESTART, "gateway restarting"),
-            End::HeartbeatTimeout => (CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout"),
-            End::TooLarge => (CLOSE_TOO_BIG, "frame too large"),
+        let Some((code, reason)) = end.close_frame() else {
             // The client's close is answered, or the socket is closed.
-            End::ClientClosed | End::Error | End::Gone | End::SlowConsumer => {
-                return self.socket.close().await;
-            }
+            return self.socket.close().await;
         };
         // The replies queued before the close frame go out first; room events do not.
         while let Some(reply) = self.replies.try_recv() {

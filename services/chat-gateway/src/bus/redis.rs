@@ -169,14 +169,6 @@ impl Unsent {
     }
 }
 
-/// Sleeps until `at`, or forever when there is nothing to wait for.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 enum Control {
     Subscribe(String, oneshot::Sender<()>),
     Unsubscribe(String),
@@ -334,7 +326,9 @@ impl Shared {
             let resend_at = unsent.due();
             let received = tokio::select! {
                 received = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => received,
-                _ = sleep_until_some(resend_at) => {
+                _ = tokio::time::sleep_until(resend_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if resend_at.is_some() =>
+                {
                     self.resend(&mut unsent).await;
                     continue;
                 }

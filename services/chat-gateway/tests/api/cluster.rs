@@ -8,6 +8,14 @@ fn services() -> Services {
     Services::start(Backend::Clustered)
 }
 
+/// A proxy in front of the services' Redis, and a gateway that reaches Redis through it.
+async fn gateway_behind_a_proxy(s: &Services) -> (crate::proxy::FreezingProxy, Gateway) {
+    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
+    let mut settings = s.settings();
+    settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
+    (proxy, Gateway::start(settings).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat() {
     let s = services();
@@ -221,11 +229,8 @@ async fn sigterm_drains_and_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_subscription_is_detected_and_repaired() {
     let s = services();
-    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
     // Gateway A reaches Redis through the proxy; gateway B directly.
-    let mut settings = s.settings();
-    settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
-    let a_gw = Gateway::start(settings).await;
+    let (proxy, a_gw) = gateway_behind_a_proxy(&s).await;
     let b_gw = s.gateway().await;
     let (mut on_a, mut on_b, room) = pair_in_room(a_gw.port, b_gw.port, "silent").await;
     assert_eq!(on_b.say(&room, "before").await, 1);
@@ -487,11 +492,8 @@ async fn logs_name_the_connection_and_never_hold_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_presence_change_redis_missed_is_recorded_once_it_answers() {
     let s = services();
-    let proxy = crate::proxy::FreezingProxy::start(s.redis.as_ref().unwrap().port()).await;
     // Bob's gateway reaches Redis through the proxy; Carol's directly.
-    let mut settings = s.settings();
-    settings.redis_url = Some(secrecy::SecretString::from(proxy.url()));
-    let bobs_gw = Gateway::start(settings).await;
+    let (proxy, bobs_gw) = gateway_behind_a_proxy(&s).await;
     let carols_gw = s.gateway().await;
     let (carol, tc) = register(carols_gw.port, "carol").await;
     let (bob, tb) = register(carols_gw.port, "bob").await;

@@ -537,8 +537,9 @@ function insertMessages(room, rawMessages, source) {
  * where they may be what is on screen; the next live message at the bottom trims then.
  */
 function keepRecent(room, readingOlder) {
-  if (readingOlder || room.seqs.length <= MAX_KEPT_PER_ROOM) return;
+  if (readingOlder) return;
   const dropped = room.dropOldest(MAX_KEPT_PER_ROOM);
+  if (!dropped) return;
   const list = room.view.list;
   for (let i = 0; i < dropped && list.firstElementChild; i++) list.firstElementChild.remove();
   regroup(list, 0);
