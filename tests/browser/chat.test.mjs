@@ -278,6 +278,75 @@ describe('web client on a two-gateway cluster', { timeout: 150000 }, () => {
     );
   });
 
+  test('leaving a room: the others see it, a reload does not reopen it, unsent text is not lost on one click', async () => {
+    const frank = 'frank';
+    const grace = 'grace';
+    const f = await open();
+    // Frank's socket goes through the browser's WebSocket route, so that the test can hold
+    // his `send` frames back (then his message stays unsent) while everything else passes.
+    let holdSends = false;
+    await f.page.routeWebSocket(/\/ws$/, (ws) => {
+      const server = ws.connectToServer();
+      ws.onMessage((message) => {
+        if (holdSends && JSON.parse(message).type === 'send') return;
+        server.send(message);
+      });
+    });
+    await signIn(f.page, frank, PASSWORD);
+    await joinRoom(f.page, 'lobby');
+    await joinRoom(f.page, 'side');
+    const g = await open();
+    await signIn(g.page, grace, PASSWORD);
+    await joinRoom(g.page, 'side');
+    await g.page.locator(`#online [data-user="${frank}"]`).waitFor();
+
+    // A message still on its way: the first click warns and stays, the second one leaves.
+    holdSends = true;
+    await say(f.page, 'this one never leaves the browser');
+    await f.page.locator('#messages .pending-list li').waitFor();
+    await f.page.locator('#leave-room').click();
+    await f.page.locator('#typing', { hasText: '1 message is not sent yet' }).waitFor();
+    assert.equal(await f.page.locator('#leave-room .label').textContent(), 'Leave anyway');
+    assert.equal(await f.page.locator('#room-title').textContent(), '#side', 'still in the room');
+    await f.page.locator('#leave-room').click();
+    await f.page.waitForFunction(() => document.querySelector('#room-title').textContent === '#lobby');
+    assert.equal(await f.page.locator('#leave-room .label').textContent(), 'Leave');
+    holdSends = false;
+
+    // Grace sees him go; #side stays in his list, closed, and a reload does not reopen it.
+    await g.page.locator(`#online [data-user="${frank}"]`).waitFor({ state: 'detached' });
+    await say(g.page, 'frank, you missed this');
+    await waitForMessage(g.page, 'frank, you missed this');
+    assert.deepEqual(
+      await f.page.evaluate((u) => JSON.parse(localStorage.getItem(`chat.rooms.${u}`)).open, frank),
+      ['lobby'],
+    );
+    await f.page.reload();
+    await waitOnline(f.page);
+    await f.page.waitForFunction(() => document.querySelector('#room-title').textContent === '#lobby');
+    const side = f.page.locator('#room-list [data-room="side"]');
+    await side.waitFor();
+    assert.equal(await side.getAttribute('aria-current'), null);
+
+    // Opening it again shows what he missed, and Grace sees him back; the held message was
+    // discarded, not sent late.
+    await side.click();
+    await waitForMessage(f.page, 'frank, you missed this');
+    await g.page.locator(`#online [data-user="${frank}"]`).waitFor();
+    assert.deepEqual(
+      (await shownMessages(f.page)).map((m) => m.body),
+      ['frank, you missed this'],
+    );
+
+    // Leaving the last open room leaves nothing on screen, and the join box focused.
+    await f.page.locator('#leave-room').click();
+    await f.page.waitForFunction(() => document.querySelector('#room-title').textContent === '#lobby');
+    await f.page.locator('#leave-room').click();
+    await f.page.locator('#empty-state').waitFor();
+    assert.equal(await f.page.locator('#leave-room').isVisible(), false);
+    assert.equal(await f.page.evaluate(() => document.activeElement.id), 'join-room-input');
+  });
+
   test('scroll-back loads older history page by page, down to seq 1', async () => {
     const carol = 'carol';
     const dave = 'dave';
@@ -376,6 +445,13 @@ describe('web client on a two-gateway cluster', { timeout: 150000 }, () => {
     const width = await p.page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 390, `no horizontal scrolling (${width}px)`);
     await p.page.screenshot({ path: join(artifacts, 'phone-conversation.png'), animations: 'disabled' });
+    assert.ok(
+      await p.page.evaluate(() => {
+        const title = document.querySelector('#room-title');
+        return title.scrollWidth <= title.clientWidth;
+      }),
+      'the room title fits beside the buttons',
+    );
     await p.page.locator('#rooms-toggle').click();
     await p.page.locator('#sidebar').waitFor();
     await p.page.screenshot({ path: join(artifacts, 'phone-rooms.png'), animations: 'disabled' });

@@ -33,6 +33,8 @@ const ui = {
   peopleToggle: $('people-toggle'),
   peopleCount: $('people-count'),
   roomTitle: $('room-title'),
+  leaveRoom: $('leave-room'),
+  leaveLabel: document.querySelector('#leave-room .label'),
   connection: $('connection'),
   connectionLabel: $('connection-label'),
   me: $('me'),
@@ -97,6 +99,7 @@ let listed = new Map(); // GET /api/rooms: name -> last_seq
 let current = null; // the room on screen
 let outbox = []; // messages the user sent that have no `sent` yet, in order
 let roomListTimer = null;
+let leaveArmedFor = null; // the room whose Leave was pressed once while it had unsent messages
 
 function uuid() {
   if (crypto.randomUUID) return crypto.randomUUID();
@@ -329,6 +332,42 @@ function closeRoom(name) {
 function saveOpenRooms() {
   if (me) store.saveOpenRooms(me, [...rooms.keys()], current);
 }
+
+/**
+ * The user is done with a room: the gateway stops sending it (the others see them go), it
+ * stays in the list to open again, and a reload does not reopen it. The next open room, if
+ * any, takes its place on screen.
+ */
+function leaveRoom(name) {
+  const room = rooms.get(name);
+  if (!room) return;
+  if (conn && conn.online && (room.joinedOn === conn.generation || room.joining === conn.generation)) {
+    // A join still on its way is answered first: frames are handled in order.
+    conn.request({ type: 'leave', room: name }).catch(() => {});
+  }
+  closeRoom(name);
+  const next = [...rooms.keys()].sort(byListOrder)[0];
+  if (next) setCurrent(next);
+  if (!narrow.matches) (current ? ui.composer : ui.joinInput).focus();
+}
+
+ui.leaveRoom.addEventListener('click', () => {
+  const name = current;
+  if (!name) return;
+  const unsent = outbox.filter((item) => item.room === name && item.state !== 'failed').length;
+  if (unsent > 0 && leaveArmedFor !== name) {
+    // Typed messages are not thrown away on one click: the second one confirms.
+    leaveArmedFor = name;
+    ui.leaveLabel.textContent = 'Leave anyway';
+    ui.leaveRoom.classList.add('armed');
+    ui.typing.textContent =
+      unsent === 1
+        ? '1 message is not sent yet: leaving now discards it.'
+        : `${unsent} messages are not sent yet: leaving now discards them.`;
+    return;
+  }
+  leaveRoom(name);
+});
 
 function joinErrorMessage(error, name) {
   const peer = directPeer(name, me);
@@ -787,6 +826,11 @@ function renderConversation() {
   ui.emptyState.hidden = Boolean(room);
   ui.messageLists.hidden = !room;
   ui.roomTitle.textContent = room ? displayName(room.name, me) : 'No room open';
+  ui.leaveRoom.hidden = !room;
+  ui.leaveLabel.textContent = 'Leave';
+  ui.leaveRoom.classList.remove('armed');
+  ui.leaveRoom.title = room ? `Leave ${displayName(room.name, me)}: stop receiving its messages` : '';
+  leaveArmedFor = null;
   if (!room) ui.messageLists.replaceChildren();
   renderRoomList();
   renderPeople();
@@ -803,13 +847,16 @@ function renderComposer() {
   ui.composer.placeholder = room ? `Message ${displayName(room.name, me)}` : 'Open a room to write';
 }
 
+/** Public rooms first, then direct conversations, each by name. */
+function byListOrder(a, b) {
+  const da = a.startsWith('dm:') ? 1 : 0;
+  const db = b.startsWith('dm:') ? 1 : 0;
+  return da - db || (a < b ? -1 : a > b ? 1 : 0);
+}
+
 function renderRoomList() {
   const names = new Set([...listed.keys(), ...rooms.keys()]);
-  const sorted = [...names].sort((a, b) => {
-    const da = a.startsWith('dm:') ? 1 : 0;
-    const db = b.startsWith('dm:') ? 1 : 0;
-    return da - db || (a < b ? -1 : a > b ? 1 : 0);
-  });
+  const sorted = [...names].sort(byListOrder);
   const items = sorted.map((name) => {
     const room = rooms.get(name);
     const item = node('li');
