@@ -105,7 +105,7 @@ pub fn register_series(gateway: &str) {
     for code in chat_protocol::ErrorCode::ALL {
         metrics::counter!("chat_errors_sent_total", "code" => code.as_str()).absolute(0);
     }
-    for reason in CLOSE_REASONS {
+    for reason in crate::ws::close_reasons() {
         metrics::counter!("chat_connections_closed_total", "reason" => reason).absolute(0);
     }
     for kind in chat_protocol::frames::CLIENT_FRAME_TYPES
@@ -124,18 +124,6 @@ pub fn register_series(gateway: &str) {
     }
     metrics::gauge!("chat_build_info", "gateway" => gateway.to_string(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
-
-/// Every `reason` label of `chat_connections_closed_total`.
-pub const CLOSE_REASONS: [&str; 8] = [
-    "client_closed",
-    "drain",
-    "slow_consumer",
-    "heartbeat_timeout",
-    "too_large",
-    "error",
-    "gone",
-    "unauthorized",
-];
 
 /// The `type` labels of `chat_frames_received_total` besides the client frame types.
 pub const OTHER_FRAME_TYPES: [&str; 2] = ["invalid", "binary"];

@@ -359,6 +359,11 @@ async fn linger(socket: &mut WebSocket) {
     .await;
 }
 
+/// Every `reason` label of `chat_connections_closed_total`.
+pub(crate) fn close_reasons() -> impl Iterator<Item = &'static str> {
+    End::ALL.into_iter().map(End::label)
+}
+
 /// Why a conversation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -375,8 +380,20 @@ enum End {
 }
 
 impl End {
+    /// Every end, for the counters registered at start-up (a unit test checks it is complete).
+    const ALL: [End; 8] = [
+        End::Drain,
+        End::SlowConsumer,
+        End::HeartbeatTimeout,
+        End::ClientClosed,
+        End::TooLarge,
+        End::Error,
+        End::Gone,
+        End::Unauthorized,
+    ];
+
     /// The metrics label.
-    fn label(self) -> &'static str {
+    const fn label(self) -> &'static str {
         match self {
             End::Drain => "drain",
             End::SlowConsumer => "slow_consumer",
@@ -576,5 +593,29 @@ impl Link {
             self.socket.feed(Message::Text(reply.text)).await?;
         }
         self.socket.send(close_message(code, reason)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::End;
+
+    #[test]
+    fn every_end_has_its_counter_registered() {
+        // No wildcard: a new variant stops this compiling until it gets the next number, and
+        // the comparison then fails until `End::ALL` lists it.
+        let number = |end: End| match end {
+            End::Drain => 0,
+            End::SlowConsumer => 1,
+            End::HeartbeatTimeout => 2,
+            End::ClientClosed => 3,
+            End::TooLarge => 4,
+            End::Error => 5,
+            End::Gone => 6,
+            End::Unauthorized => 7,
+        };
+        assert_eq!(End::ALL.map(number), [0, 1, 2, 3, 4, 5, 6, 7]);
+        let labels: std::collections::HashSet<_> = super::close_reasons().collect();
+        assert_eq!(labels.len(), End::ALL.len(), "labels are distinct");
     }
 }
