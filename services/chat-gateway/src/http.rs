@@ -148,10 +148,9 @@ pub async fn readyz(State(ctx): State<SharedContext>) -> Response {
     } else if !ctx.bus.is_healthy() {
         Some("message bus unhealthy")
     } else {
-        let ping = tokio::time::timeout(ctx.settings.ready_timeout(), ctx.store.ping()).await;
-        match ping {
-            Ok(Ok(())) => None,
-            _ => Some("history store unavailable"),
+        match ctx.store.ping(ctx.settings.ready_timeout()).await {
+            Ok(()) => None,
+            Err(_) => Some("history store unavailable"),
         }
     };
     match problem {

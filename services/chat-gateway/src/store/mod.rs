@@ -82,8 +82,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Page, StoreError>;
     /// The rooms a user can see: public rooms and the user's own direct rooms.
     async fn rooms_for(&self, user: &Username, limit: u32) -> Result<Vec<RoomSummary>, StoreError>;
-    /// Answers quickly when the store is usable.
-    async fn ping(&self) -> Result<(), StoreError>;
+    /// Answers when the store is usable, within `deadline` (the readiness probe's, shorter than
+    /// a session's call: the call is counted like any other, so a hung database shows in the
+    /// store metrics even on a replica with no traffic).
+    async fn ping(&self, deadline: Duration) -> Result<(), StoreError>;
     /// Sets the connection-pool gauges (called when metrics are scraped).
     fn record_pool_metrics(&self) {}
 }

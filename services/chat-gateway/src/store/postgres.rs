@@ -615,11 +615,11 @@ impl Store for PostgresStore {
         metrics::gauge!("chat_db_pool_waiting").set(status.waiting as f64);
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.with_connection(async |client| {
+    async fn ping(&self, deadline: Duration) -> Result<(), StoreError> {
+        let call = on_connection(&self.pool, async |client| {
             client.simple_query("SELECT 1").await.map_err(pg_error)?;
             Ok(())
-        })
-        .await
+        });
+        with_deadline(deadline, call).await
     }
 }

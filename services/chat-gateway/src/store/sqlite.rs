@@ -88,13 +88,21 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.call_within(self.deadline, work).await
+    }
+
+    async fn call_within<T: Send + 'static>(
+        &self,
+        deadline: Duration,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
         // Cancelled when the caller stops waiting (its deadline passed, and it was told
         // `unavailable`): work still queued for the connection then does nothing, so that an
         // append the caller gave up on is not stored behind its back.
         let abandoned = CancellationToken::new();
         let caller = abandoned.clone().drop_guard();
-        with_deadline(self.deadline, async move {
+        with_deadline(deadline, async move {
             let done = tokio::task::spawn_blocking(move || {
                 let mut guard = conn
                     .lock()
@@ -370,8 +378,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
-            .await
+    async fn ping(&self, deadline: Duration) -> Result<(), StoreError> {
+        self.call_within(deadline, |c| {
+            c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error)
+        })
+        .await
     }
 }

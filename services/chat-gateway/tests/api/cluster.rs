@@ -319,6 +319,47 @@ async fn a_hung_database_costs_one_deadline_not_the_session() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
+    // The Postgres alerts read the store's error counter and call count. On a replica without
+    // traffic the readiness probe is the only caller, and it gives up before a session's
+    // deadline: that call must be counted too.
+    let mut s = services();
+    let pg = chat_testkit::shared_postgres();
+    let proxy = crate::proxy::FreezingProxy::start(pg.port()).await;
+    let db = s.database_url.take().unwrap();
+    let proxied = proxy.rewrite(&db, pg.port());
+    let gw = GatewayProcess::start(
+        &s,
+        &[
+            ("CHAT_DATABASE_URL", &proxied),
+            ("CHAT_READY_TIMEOUT_MS", "300"),
+            ("CHAT_STORE_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
+    let errors = gw.counter("chat_store_errors_total").await;
+    let calls = gw.counter("chat_store_query_duration_seconds_count").await;
+
+    proxy.freeze_existing();
+    let started = Instant::now();
+    let status = reqwest::get(format!("http://127.0.0.1:{}/readyz", gw.port))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.counter("chat_store_errors_total").await - errors, 1.0);
+    assert_eq!(
+        gw.counter("chat_store_query_duration_seconds_count").await - calls,
+        1.0
+    );
+}
+
 /// Frames `client` receives up to and including the message with `seq`.
 async fn frames_until_message(client: &mut Client, seq: u64) -> Vec<serde_json::Value> {
     let mut frames = Vec::new();
