@@ -35,6 +35,12 @@ use tokio_util::sync::CancellationToken;
 /// the gateways with CHAT_RATE_PER_SEC and CHAT_RATE_BURST raised (scripts/bench does).
 /// With --protocol socketio it loads bench/socketio/server.js (Socket.IO with its Redis
 /// adapter) the same way, for comparison; pass that process's --pid.
+///
+/// Every connection joins its room before the first message, and each is expected to get
+/// every acked message of its room exactly once. The exit status is 2 when the run was not
+/// clean: a delivery missing or doubled (ratio below 1), a connection that failed or was not
+/// open at the end, or a send never answered. Deliveries/s count from the first send to the
+/// last delivery; each step's figures come from exactly its own seconds.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "chat-loadgen", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -75,16 +81,18 @@ pub struct Cli {
     /// Stepped rate to find saturation: START:STEP:COUNT (msg/s), each step --duration long.
     #[arg(long)]
     steps: Option<String>,
-    /// Gateway process ids to sample CPU and memory from (repeatable).
+    /// Gateway process ids to sample CPU and memory from (repeatable; each must be running at
+    /// the start, and one that exits keeps the CPU time it used).
     #[arg(long = "pid")]
     pids: Vec<u32>,
-    /// A chat-cluster state directory: sample its gateways.
+    /// A chat-cluster state directory: sample its gateways (read again at each sample, so a
+    /// gateway restarted during the run is counted too).
     #[arg(long)]
     cluster_state: Option<PathBuf>,
-    /// Seconds after publishing starts to run --kill-cmd (reconnect-storm).
+    /// Seconds after publishing starts to run --kill-cmd (reconnect-storm); within the run.
     #[arg(long)]
     kill_after: Option<u64>,
-    /// Shell command that kills a gateway, e.g. "scripts/cluster kill 0".
+    /// Shell command that kills a gateway, e.g. "scripts/cluster kill 0" (with --kill-after).
     #[arg(long)]
     kill_cmd: Option<String>,
     /// Print the report as JSON.
@@ -146,6 +154,7 @@ impl Plan {
         };
         let rate = cli.rate.unwrap_or(rate);
         let duration_s = cli.duration.unwrap_or(duration);
+        let publishers = cli.publishers.unwrap_or(publishers);
         let steps = match &cli.steps {
             None => vec![rate],
             Some(spec) => {
@@ -157,11 +166,33 @@ impl Plan {
                 let [start, step, count] = parts[..] else {
                     anyhow::bail!("--steps is START:STEP:COUNT");
                 };
+                anyhow::ensure!(
+                    count.fract() == 0.0 && (1.0..=1000.0).contains(&count),
+                    "--steps: COUNT is a whole number of steps, 1 to 1000"
+                );
                 (0..count as usize)
                     .map(|i| start + step * i as f64)
                     .collect()
             }
         };
+        if publishers > 0 {
+            anyhow::ensure!(
+                steps.iter().all(|r| r.is_finite() && *r > 0.0),
+                "the publish rate must be above 0 msg/s in every step (got {steps:?})"
+            );
+        }
+        anyhow::ensure!(duration_s > 0, "--duration must be at least 1 s");
+        anyhow::ensure!(cli.rooms != Some(0), "--rooms must be at least 1");
+        anyhow::ensure!(cli.users != Some(0), "--users must be at least 1");
+        match (cli.kill_after, &cli.kill_cmd) {
+            (Some(after), Some(_)) => anyhow::ensure!(
+                after < duration_s * steps.len() as u64,
+                "--kill-after {after} s is not within the {} s of publishing",
+                duration_s * steps.len() as u64
+            ),
+            (None, None) => {}
+            _ => anyhow::bail!("--kill-after and --kill-cmd go together"),
+        }
         let clients = cli.clients.unwrap_or(clients);
         Ok(Plan {
             scenario: cli.scenario,
@@ -172,9 +203,10 @@ impl Plan {
                 .map(|url| url.trim_end_matches('/').to_string())
                 .collect(),
             clients,
-            rooms: cli.rooms.unwrap_or(rooms).max(1),
-            publishers: cli.publishers.unwrap_or(publishers),
-            rate,
+            rooms: cli.rooms.unwrap_or(rooms),
+            publishers,
+            // With --steps, the first step's (the header lists the steps).
+            rate: steps[0],
             duration_s,
             connect_rate: cli.connect_rate.unwrap_or(1_000).max(1),
             body_bytes: cli.body_bytes.unwrap_or(100).max(24),
@@ -199,6 +231,10 @@ struct Ctx {
     latencies: stats::Latencies,
     /// Acknowledged messages per room.
     acked: Vec<AtomicU64>,
+    /// Connections in each room that joined it (receivers and publishers whose first connect
+    /// worked): each should get every message acked in the room, since all of them joined
+    /// before publishing started.
+    members: Vec<AtomicU64>,
     /// Current total publish rate (msg/s × 1000).
     rate_milli: AtomicU64,
     start: Instant,
@@ -243,7 +279,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &cli.plot {
         report::plot(&outcome, path)?;
     }
-    if outcome.deliveries.ratio < 1.0 || outcome.connections.failed > 0 {
+    if outcome.deliveries.ratio < 1.0
+        || outcome.connections.failed > 0
+        || outcome.connections.not_connected_at_end > 0
+        || outcome.unanswered > 0
+    {
         std::process::exit(2);
     }
     Ok(())
@@ -292,14 +332,20 @@ pub struct Outcome {
     pub connections: report::Connections,
     pub acked: u64,
     pub send_errors: u64,
+    /// Sends never answered (no `sent`, no error) by the end of the run.
+    pub unanswered: u64,
     pub deliveries: report::Deliveries,
     pub publish_seconds: f64,
+    /// From the first send to the end of the second of the last delivery.
+    pub delivery_seconds: f64,
     pub ack: Histogram<u64>,
     pub e2e: Histogram<u64>,
     pub per_second: Vec<report::Second>,
     pub gateway: report::GatewayUse,
     pub idle_bytes_per_connection: Option<f64>,
     pub recovery_seconds: Option<f64>,
+    /// --kill-cmd ran.
+    pub killed: bool,
     pub steps: Vec<report::Step>,
     /// How busy the whole machine was from the end of connecting to the end of the run.
     pub machine: Option<procstat::MachineUse>,
@@ -307,10 +353,7 @@ pub struct Outcome {
 
 async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let pids = match &cli.cluster_state {
-        Some(state) => procstat::cluster_pids(state)?,
-        None => cli.pids.clone(),
-    };
+    let mut sampler = procstat::Sampler::new(&cli.pids, cli.cluster_state.as_deref())?;
     let tokens = match plan.protocol {
         client::Protocol::Chat => register_users(&plan, &run_id).await?,
         client::Protocol::Socketio => vec![String::new()],
@@ -325,6 +368,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         shared: Shared::new(seconds),
         latencies: stats::Latencies::new(LATENCY_SHARDS),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
+        members: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         rate_milli: AtomicU64::new((plan.steps[0] * 1000.0) as u64),
         start: Instant::now(),
         stop_publishing: CancellationToken::new(),
@@ -333,7 +377,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         plan: plan.clone(),
     });
     let progress = report::Progress::new(cli.quiet);
-    let before_connect = procstat::sample(&pids);
+    let before_connect = sampler.sample();
 
     // Receivers, at the connect rate.
     let mut receivers = Vec::with_capacity(plan.clients);
@@ -360,36 +404,59 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         progress.update(&ctx.shared, "connecting");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let connected_at = procstat::sample(&pids);
-    let idle_bytes_per_connection =
-        (plan.scenario == Scenario::Idle && !pids.is_empty()).then(|| {
+    let connected_at = sampler.sample();
+    let idle_bytes_per_connection = (plan.scenario == Scenario::Idle && !sampler.pids().is_empty())
+        .then(|| {
             (connected_at.rss_bytes as f64 - before_connect.rss_bytes as f64)
                 / plan.clients.max(1) as f64
         });
 
-    // Publishers.
+    // Publishers. They all join before the first message, or one that joined late would not
+    // get the messages sent before (it starts from the room's seq at its join).
     let mut publishers = Vec::new();
-    let epoch = Instant::now();
+    let (epoch_tx, epoch_rx) = tokio::sync::watch::channel(None);
     for p in 0..plan.publishers {
         let token = tokens[p % tokens.len()].clone();
-        publishers.push(tokio::spawn(publish(ctx.clone(), p, token, epoch)));
+        publishers.push(tokio::spawn(publish(
+            ctx.clone(),
+            p,
+            token,
+            epoch_rx.clone(),
+        )));
     }
+    let everyone = (plan.clients + plan.publishers) as u64;
+    while ctx.shared.opened.load(Ordering::Relaxed)
+        + ctx.shared.connect_failures.load(Ordering::Relaxed)
+        < everyone
+    {
+        anyhow::ensure!(
+            Instant::now() < connect_deadline + Duration::from_secs(60),
+            "publishers did not connect within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let receivers_up = ctx.shared.receivers_connected.load(Ordering::Relaxed);
+    // Steps start on the run clock's whole seconds, so that each step's window of per-second
+    // counts is exactly the step.
+    tokio::time::sleep_until((ctx.start + Duration::from_secs(ctx.second() as u64 + 1)).into())
+        .await;
     let publish_started = Instant::now();
+    let _ = epoch_tx.send(Some(publish_started));
     let mut steps = Vec::new();
-    let mut recovery_seconds = None;
-    let mut killed_at: Option<Instant> = None;
+    let mut storm = Storm::default();
     for (i, rate) in plan.steps.iter().enumerate() {
         ctx.rate_milli
             .store((rate * 1000.0) as u64, Ordering::Relaxed);
-        let step_start = (ctx.second(), procstat::sample(&pids), Instant::now());
-        let step_end = Instant::now() + Duration::from_secs(plan.duration_s);
+        let step_from = ctx.start.elapsed().as_secs_f64().round() as usize;
+        let step_start = (step_from, sampler.sample(), Instant::now());
+        let step_end = ctx.start + Duration::from_secs((step_from as u64) + plan.duration_s);
         while Instant::now() < step_end {
             tokio::time::sleep(Duration::from_millis(250)).await;
             progress.update(
                 &ctx.shared,
                 &format!("step {}/{} at {rate} msg/s", i + 1, plan.steps.len()),
             );
-            if let (Some(after), Some(cmd), None) = (cli.kill_after, &cli.kill_cmd, killed_at)
+            if let (Some(after), Some(cmd), None) = (cli.kill_after, &cli.kill_cmd, storm.killed_at)
                 && publish_started.elapsed() >= Duration::from_secs(after)
             {
                 let status = std::process::Command::new("sh")
@@ -398,23 +465,17 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                     .arg(cmd)
                     .status()?;
                 anyhow::ensure!(status.success(), "--kill-cmd failed: {status}");
-                killed_at = Some(Instant::now());
+                storm.killed_at = Some(Instant::now());
             }
-            if let Some(at) = killed_at
-                && recovery_seconds.is_none()
-                && ctx.shared.reconnects.load(Ordering::Relaxed) > 0
-                && ctx.shared.receivers_connected.load(Ordering::Relaxed) >= plan.clients as u64
-            {
-                recovery_seconds = Some(at.elapsed().as_secs_f64());
-            }
+            storm.check(&ctx.shared, receivers_up);
         }
         let (from_second, from_proc, from_instant) = step_start;
         steps.push((
             *rate,
             from_second,
-            ctx.second(),
+            from_second + plan.duration_s as usize,
             from_proc,
-            procstat::sample(&pids),
+            sampler.sample(),
             from_instant.elapsed(),
         ));
     }
@@ -422,12 +483,11 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     ctx.stop_publishing.cancel();
     // Let the last messages arrive: wait until every expected delivery came, or 15 s. Acks of
     // the last sends may still be arriving, so `expected` is recounted each time.
-    let members = members_per_room(&plan);
     let expected = || -> u64 {
         ctx.acked
             .iter()
-            .zip(&members)
-            .map(|(acked, members)| acked.load(Ordering::Relaxed) * members)
+            .zip(&ctx.members)
+            .map(|(acked, members)| acked.load(Ordering::Relaxed) * members.load(Ordering::Relaxed))
             .sum()
     };
     // Under overload the backlog can take long to arrive: wait while deliveries still
@@ -440,9 +500,10 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     };
     let drain_deadline = Instant::now() + Duration::from_secs(180);
     let mut last_progress = (Instant::now(), ctx.shared.received.load(Ordering::Relaxed));
-    while !settled() && Instant::now() < drain_deadline {
+    while !(settled() && storm.settled(&cli)) && Instant::now() < drain_deadline {
         progress.update(&ctx.shared, "draining");
         tokio::time::sleep(Duration::from_millis(100)).await;
+        storm.check(&ctx.shared, receivers_up);
         let received = ctx.shared.received.load(Ordering::Relaxed);
         if received != last_progress.1 {
             last_progress = (Instant::now(), received);
@@ -451,7 +512,16 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         }
     }
     let expected = expected();
-    let end = procstat::sample(&pids);
+    let end = sampler.sample();
+    // What a dead gateway leaves: sends never answered, and clients that never came back.
+    let unanswered = ctx.shared.sent.load(Ordering::Relaxed).saturating_sub(
+        ctx.shared.acked.load(Ordering::Relaxed) + ctx.shared.send_errors.load(Ordering::Relaxed),
+    );
+    let disconnected = ctx
+        .shared
+        .opened
+        .load(Ordering::Relaxed)
+        .saturating_sub(ctx.shared.connected.load(Ordering::Relaxed));
     ctx.stop.cancel();
     let mut ack = stats::histogram();
     let mut recorders = Vec::new();
@@ -521,14 +591,23 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         .collect();
     let cpu = end.cpu_seconds - connected_at.cpu_seconds;
     let received = ctx.shared.received.load(Ordering::Relaxed);
+    // Deliveries/s over the time they took: from the first send to the last delivery.
+    let publish_from = (publish_started - ctx.start).as_secs_f64();
+    let last_delivery_second = per_second.iter().rposition(|s| s.deliveries > 0);
+    let delivery_seconds = last_delivery_second
+        .map_or(0.0, |s| (s + 1) as f64 - publish_from)
+        .max(publish_seconds);
     Ok(Outcome {
         connections: report::Connections {
             made: ctx.shared.opened.load(Ordering::Relaxed),
             failed: ctx.shared.connect_failures.load(Ordering::Relaxed),
             reconnects: ctx.shared.reconnects.load(Ordering::Relaxed),
+            not_connected_at_end: disconnected,
         },
         acked: ctx.shared.acked.load(Ordering::Relaxed),
         send_errors: ctx.shared.send_errors.load(Ordering::Relaxed),
+        unanswered,
+        delivery_seconds,
         deliveries: report::Deliveries {
             expected,
             unique,
@@ -548,7 +627,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         e2e,
         per_second,
         gateway: report::GatewayUse {
-            pids,
+            pids: sampler.pids(),
             cpu_seconds: cpu,
             rss_bytes_before: before_connect.rss_bytes,
             rss_bytes_connected: connected_at.rss_bytes,
@@ -556,23 +635,40 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
             deliveries_per_cpu_second: (cpu > 0.0).then(|| received as f64 / cpu),
         },
         idle_bytes_per_connection,
-        recovery_seconds,
+        recovery_seconds: storm.recovered,
+        killed: storm.killed_at.is_some(),
         steps,
         machine: end.machine.since(&connected_at.machine),
         plan,
     })
 }
 
-/// Members per room: receivers and publishers (publishers receive their room too).
-fn members_per_room(plan: &Plan) -> Vec<u64> {
-    let mut members = vec![0u64; plan.rooms];
-    for i in 0..plan.clients {
-        members[i % plan.rooms] += 1;
+/// The reconnect storm: when the gateway was killed, and when every receiver was back.
+#[derive(Default)]
+struct Storm {
+    killed_at: Option<Instant>,
+    /// Some receivers were seen disconnected after the kill.
+    seen_down: bool,
+    recovered: Option<f64>,
+}
+
+impl Storm {
+    /// Called every 100–250 ms: all are back once every receiver that connected at the start
+    /// is connected again, after some were seen gone.
+    fn check(&mut self, shared: &Shared, receivers: u64) {
+        let Some(at) = self.killed_at else { return };
+        let up = shared.receivers_connected.load(Ordering::Relaxed);
+        if up < receivers {
+            self.seen_down = true;
+        } else if self.seen_down && self.recovered.is_none() {
+            self.recovered = Some(at.elapsed().as_secs_f64());
+        }
     }
-    for p in 0..plan.publishers {
-        members[p % plan.rooms] += 1;
+
+    /// Nothing left to wait for: no kill, or everyone back.
+    fn settled(&self, cli: &Cli) -> bool {
+        cli.kill_cmd.is_none() || self.recovered.is_some()
     }
-    members
 }
 
 /// Reads one room's messages until told to stop, reconnecting and resuming with `since`.
@@ -584,6 +680,9 @@ async fn receive(ctx: Arc<Ctx>, index: usize, token: String) -> Receiver {
         let Some(mut ws) = connect(&ctx, index, &token, &room, &mut recorder, first).await else {
             return recorder;
         };
+        if first {
+            ctx.members[index % ctx.plan.rooms].fetch_add(1, Ordering::Relaxed);
+        }
         first = false;
         ctx.shared
             .receivers_connected
@@ -725,7 +824,7 @@ async fn publish(
     ctx: Arc<Ctx>,
     index: usize,
     token: String,
-    epoch: Instant,
+    epoch: tokio::sync::watch::Receiver<Option<Instant>>,
 ) -> (Receiver, Histogram<u64>) {
     let room = ctx.room(index);
     let mut recorder = Receiver::new(index);
@@ -752,6 +851,9 @@ async fn publish(
         )
         .await;
         let Some(ws) = connection else { break };
+        if first {
+            ctx.members[index % ctx.plan.rooms].fetch_add(1, Ordering::Relaxed);
+        }
         first = false;
         // Frames queued while disconnected are all in `pending`: send that instead, in order.
         while frames.try_recv().is_ok() {}
@@ -768,7 +870,7 @@ async fn publish(
             schedule = Some(tokio::spawn(publish_on_schedule(
                 ctx.clone(),
                 index,
-                epoch,
+                epoch.clone(),
                 pending.clone(),
                 retry_rx,
                 frames_tx.clone(),
@@ -794,7 +896,7 @@ async fn publish(
 async fn publish_on_schedule(
     ctx: Arc<Ctx>,
     index: usize,
-    epoch: Instant,
+    mut epoch: tokio::sync::watch::Receiver<Option<Instant>>,
     pending: Pending,
     mut retry: tokio::sync::mpsc::UnboundedReceiver<u64>,
     frames: tokio::sync::mpsc::UnboundedSender<String>,
@@ -809,6 +911,14 @@ async fn publish_on_schedule(
     };
     let publishers = ctx.plan.publishers.max(1);
     let rate = || (ctx.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0).max(1e-3);
+    // Set once every publisher has joined its room.
+    let epoch = tokio::select! {
+        _ = ctx.stop.cancelled() => return,
+        epoch = epoch.wait_for(Option::is_some) => match epoch {
+            Ok(epoch) => epoch.unwrap_or_else(Instant::now),
+            Err(_) => return,
+        },
+    };
     let mut next = first_turn(epoch, index, publishers, rate(), Instant::now());
     let mut n = 0u64;
     loop {

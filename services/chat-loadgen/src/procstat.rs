@@ -7,11 +7,13 @@ use std::path::Path;
 /// the kernel ships).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
     pub machine: MachineTicks,
+    /// The processes that could be read.
+    cpu_by_pid: Vec<(u32, f64)>,
 }
 
 /// The whole machine's CPU time so far, summed over its cores, in ticks (the first line of
@@ -71,7 +73,63 @@ fn machine_ticks(stat: &str) -> MachineTicks {
     ticks
 }
 
-/// The sum over `pids` (processes that are gone count as zero), and the machine's ticks.
+/// Samples the gateway processes through a run. A process that exits keeps the CPU time it
+/// was last seen with (counting it as zero would subtract all it used), and with a cluster
+/// state directory the pids are read again at each sample, so a gateway restarted mid-run
+/// (reconnect-storm) is counted from its start.
+pub struct Sampler {
+    cluster_state: Option<std::path::PathBuf>,
+    pids: Vec<u32>,
+    /// CPU seconds each pid was last seen with.
+    last_cpu: std::collections::HashMap<u32, f64>,
+}
+
+impl Sampler {
+    /// Fails on a `--pid` that is not running (a typo would otherwise read as 0 CPU s).
+    pub fn new(pids: &[u32], cluster_state: Option<&Path>) -> anyhow::Result<Sampler> {
+        let pids = match cluster_state {
+            Some(state) => cluster_pids(state)?,
+            None => pids.to_vec(),
+        };
+        for pid in &pids {
+            anyhow::ensure!(
+                Path::new(&format!("/proc/{pid}/stat")).exists(),
+                "no running process with pid {pid} to sample"
+            );
+        }
+        Ok(Sampler {
+            cluster_state: cluster_state.map(Path::to_path_buf),
+            pids,
+            last_cpu: Default::default(),
+        })
+    }
+
+    /// Every pid sampled so far.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.clone()
+    }
+
+    pub fn sample(&mut self) -> Sample {
+        if let Some(state) = &self.cluster_state
+            && let Ok(now) = cluster_pids(state)
+        {
+            for pid in now {
+                if !self.pids.contains(&pid) {
+                    self.pids.push(pid);
+                }
+            }
+        }
+        let mut total = sample(&self.pids);
+        for (pid, cpu) in &total.cpu_by_pid {
+            self.last_cpu.insert(*pid, *cpu);
+        }
+        total.cpu_seconds = self.last_cpu.values().sum();
+        total
+    }
+}
+
+/// The sum over `pids` (the CPU of processes that are gone is left out: `Sampler` keeps it),
+/// and the machine's ticks.
 pub fn sample(pids: &[u32]) -> Sample {
     let mut total = Sample {
         machine: machine_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default()),
@@ -88,6 +146,7 @@ pub fn sample(pids: &[u32]) -> Sample {
                     .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
                     .sum();
                 total.cpu_seconds += ticks / TICKS_PER_SECOND;
+                total.cpu_by_pid.push((*pid, ticks / TICKS_PER_SECOND));
             }
         }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
@@ -126,6 +185,33 @@ mod tests {
             s.machine.cores >= 1 && s.machine.busy > 0,
             "{:?}",
             s.machine
+        );
+    }
+
+    #[test]
+    fn a_process_that_exits_keeps_the_cpu_it_used() {
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; read x",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut sampler = Sampler::new(&[pid], None).unwrap();
+        let mut used = 0.0;
+        while used == 0.0 {
+            used = sampler.sample().cpu_seconds;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        let after = sampler.sample().cpu_seconds;
+        assert!(after >= used, "{after} < {used}");
+        assert!(
+            Sampler::new(&[u32::MAX], None).is_err(),
+            "a pid that is not running"
         );
     }
 

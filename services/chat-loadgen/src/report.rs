@@ -13,6 +13,8 @@ pub struct Connections {
     pub made: u64,
     pub failed: u64,
     pub reconnects: u64,
+    /// Connections made that were not open at the end (never came back after a drop).
+    pub not_connected_at_end: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,8 +64,14 @@ struct Json<'a> {
     connections: &'a Connections,
     messages_acked: u64,
     send_errors: u64,
+    /// Sends with neither a `sent` nor an error by the end of the run.
+    unanswered: u64,
     deliveries: &'a Deliveries,
+    /// Unique deliveries over `delivery_seconds`.
     deliveries_per_sec: f64,
+    publish_seconds: f64,
+    /// From the first send to the end of the second of the last delivery.
+    delivery_seconds: f64,
     ack_latency: Percentiles,
     e2e_latency: Percentiles,
     gateway: &'a GatewayUse,
@@ -77,15 +85,18 @@ struct Json<'a> {
 }
 
 pub fn print(o: &Outcome, json: bool) {
-    let deliveries_per_sec = o.deliveries.unique as f64 / o.publish_seconds.max(1e-9);
+    let deliveries_per_sec = o.deliveries.unique as f64 / o.delivery_seconds.max(1e-9);
     if json {
         let report = Json {
             plan: &o.plan,
             connections: &o.connections,
             messages_acked: o.acked,
             send_errors: o.send_errors,
+            unanswered: o.unanswered,
             deliveries: &o.deliveries,
             deliveries_per_sec,
+            publish_seconds: o.publish_seconds,
+            delivery_seconds: o.delivery_seconds,
             ack_latency: Percentiles::of(&o.ack),
             e2e_latency: Percentiles::of(&o.e2e),
             gateway: &o.gateway,
@@ -102,28 +113,50 @@ pub fn print(o: &Outcome, json: bool) {
         return;
     }
     let p = &o.plan;
+    let rates = if p.steps.len() > 1 {
+        format!(
+            "steps of {} msg/s",
+            p.steps
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        format!("{} msg/s", p.rate)
+    };
     println!(
-        "scenario {:?}: {} clients, {} rooms, {} publishers, {} msg/s, {} s, {}-byte bodies, via {}",
+        "scenario {:?}: {} clients, {} rooms, {} publishers, {rates}, {} s{}, {}-byte bodies, via {}",
         p.scenario,
         p.clients,
         p.rooms,
         p.publishers,
-        p.rate,
         p.duration_s,
+        if p.steps.len() > 1 { " each" } else { "" },
         p.body_bytes,
         p.urls.join(", ")
     );
     let c = &o.connections;
     println!(
-        "connections: {} made, {} failed, {} reconnects",
-        c.made, c.failed, c.reconnects
+        "connections: {} made, {} failed, {} reconnects, {} not connected at the end",
+        c.made, c.failed, c.reconnects, c.not_connected_at_end
     );
     let d = &o.deliveries;
     println!(
-        "messages acked: {} ({} send errors); deliveries {} of {} expected, {} missing, {} duplicated: ratio {:.6}",
-        o.acked, o.send_errors, d.unique, d.expected, d.missing, d.duplicates, d.ratio
+        "messages acked: {} ({} send errors, {} never answered); deliveries {} of {} expected, {} missing, {} duplicated: ratio {:.6}",
+        o.acked,
+        o.send_errors,
+        o.unanswered,
+        d.unique,
+        d.expected,
+        d.missing,
+        d.duplicates,
+        d.ratio
     );
-    println!("deliveries/s: {deliveries_per_sec:.0}");
+    println!(
+        "deliveries/s: {deliveries_per_sec:.0} (over {:.1} s: {:.1} s of publishing and the last deliveries)",
+        o.delivery_seconds, o.publish_seconds
+    );
     for (name, h) in [("send->ack", &o.ack), ("end-to-end", &o.e2e)] {
         let q = Percentiles::of(h);
         println!(
@@ -159,8 +192,10 @@ pub fn print(o: &Outcome, json: bool) {
             bytes / 1024.0
         );
     }
-    if let Some(s) = o.recovery_seconds {
-        println!("reconnect storm: every client back after {s:.2} s");
+    match (o.recovery_seconds, o.killed) {
+        (Some(s), _) => println!("reconnect storm: every client back after {s:.2} s"),
+        (None, true) => println!("reconnect storm: NOT every client came back"),
+        (None, false) => {}
     }
     for s in &o.steps {
         println!(

@@ -52,3 +52,114 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// An in-process embedded gateway for one test, with the send limit raised for load.
+async fn gateway(
+    dir: &std::path::Path,
+) -> (
+    u16,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), chat_gateway::StartError>>,
+) {
+    let mut settings = chat_gateway::Settings::defaults();
+    settings.bind = "127.0.0.1:0".parse().unwrap();
+    settings.metrics_bind = "127.0.0.1:0".parse().unwrap();
+    settings.data_dir = dir.to_path_buf();
+    settings.rate_per_sec = 1000;
+    settings.rate_burst = 1000;
+    settings.grace_period_secs = 1;
+    let app = chat_gateway::Application::build(settings).await.unwrap();
+    let port = app.port();
+    let shutdown = app.shutdown_token();
+    (port, shutdown, tokio::spawn(app.run_until_stopped()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_publishers_in_one_room_count_no_false_loss() {
+    // Each publisher receives its room too. One that joined after another's first message
+    // would not get it (it starts from the room's seq at its join), and was once counted as
+    // a lost delivery: all of them now join before the first message.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, shutdown, server) = gateway(dir.path()).await;
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .args(["--clients", "5", "--rooms", "1", "--publishers", "20"])
+            .args(["--rate", "400", "--duration", "2", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = common::report(&output);
+    let acked = report["messages_acked"].as_u64().unwrap();
+    assert!(acked >= 400, "{report}");
+    assert_eq!(
+        report["deliveries"]["expected"].as_u64().unwrap(),
+        acked * 25
+    );
+    assert_eq!(
+        report["deliveries"]["ratio"], 1.0,
+        "{}",
+        report["deliveries"]
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_goes_away_for_good_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, shutdown, server) = gateway(dir.path()).await;
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .args(&common::SMALL_FANOUT[..10]) // its layout, for longer
+            .args(["--duration", "6", "--json"])
+            .output()
+            .unwrap()
+    });
+    // Stopped once its clients are connected, in the middle of publishing, and not started
+    // again: the clients cannot come back.
+    let started = std::time::Instant::now();
+    while connections_open(port).await < 42 {
+        assert!(
+            !run.is_finished(),
+            "the load generator ended before connecting"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "clients never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    let output = run.await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert!(
+        report["connections"]["not_connected_at_end"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{}",
+        report["connections"]
+    );
+}
+
+/// Established connections to `port` on this machine (the server's side of each), from
+/// /proc/net/tcp.
+async fn connections_open(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X} ");
+    tcp.lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, remote address, state 01 (established), for the server side.
+            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&local) && fields[3] == "01"
+        })
+        .count()
+}
