@@ -438,8 +438,8 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     let receivers_up = ctx.shared.receivers_connected.load(Ordering::Relaxed);
     // Steps start on the run clock's whole seconds, so that each step's window of per-second
     // counts is exactly the step.
-    tokio::time::sleep_until((ctx.start + Duration::from_secs(ctx.second() as u64 + 1)).into())
-        .await;
+    let first_second = ctx.second() + 1;
+    tokio::time::sleep_until((ctx.start + Duration::from_secs(first_second as u64)).into()).await;
     let publish_started = Instant::now();
     let _ = epoch_tx.send(Some(publish_started));
     let mut steps = Vec::new();
@@ -447,7 +447,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     for (i, rate) in plan.steps.iter().enumerate() {
         ctx.rate_milli
             .store((rate * 1000.0) as u64, Ordering::Relaxed);
-        let step_from = ctx.start.elapsed().as_secs_f64().round() as usize;
+        let step_from = first_second + i * plan.duration_s as usize;
         let step_start = (step_from, sampler.sample(), Instant::now());
         let step_end = ctx.start + Duration::from_secs((step_from as u64) + plan.duration_s);
         while Instant::now() < step_end {
@@ -500,7 +500,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     };
     let drain_deadline = Instant::now() + Duration::from_secs(180);
     let mut last_progress = (Instant::now(), ctx.shared.received.load(Ordering::Relaxed));
-    while !(settled() && storm.settled(&cli)) && Instant::now() < drain_deadline {
+    while !(settled() && storm.settled()) && Instant::now() < drain_deadline {
         progress.update(&ctx.shared, "draining");
         tokio::time::sleep(Duration::from_millis(100)).await;
         storm.check(&ctx.shared, receivers_up);
@@ -665,9 +665,10 @@ impl Storm {
         }
     }
 
-    /// Nothing left to wait for: no kill, or everyone back.
-    fn settled(&self, cli: &Cli) -> bool {
-        cli.kill_cmd.is_none() || self.recovered.is_some()
+    /// Nothing left to wait for: no kill (a --kill-after is always within the run, so it has
+    /// happened by the time this is asked), or everyone back.
+    fn settled(&self) -> bool {
+        self.killed_at.is_none() || self.recovered.is_some()
     }
 }
 

@@ -128,9 +128,9 @@ impl Sampler {
     }
 }
 
-/// The sum over `pids` (the CPU of processes that are gone is left out: `Sampler` keeps it),
-/// and the machine's ticks.
-pub fn sample(pids: &[u32]) -> Sample {
+/// The resident memory summed over `pids`, each one's CPU time (`Sampler` sums those, keeping
+/// the processes that are gone), and the machine's ticks.
+fn sample(pids: &[u32]) -> Sample {
     let mut total = Sample {
         machine: machine_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default()),
         ..Sample::default()
@@ -145,7 +145,6 @@ pub fn sample(pids: &[u32]) -> Sample {
                     .iter()
                     .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
                     .sum();
-                total.cpu_seconds += ticks / TICKS_PER_SECOND;
                 total.cpu_by_pid.push((*pid, ticks / TICKS_PER_SECOND));
             }
         }
@@ -162,7 +161,7 @@ pub fn sample(pids: &[u32]) -> Sample {
 }
 
 /// Gateway pids from a `chat-cluster` state directory (its cluster.json).
-pub fn cluster_pids(state: &Path) -> anyhow::Result<Vec<u32>> {
+fn cluster_pids(state: &Path) -> anyhow::Result<Vec<u32>> {
     let text = std::fs::read_to_string(state.join("cluster.json"))?;
     let value: serde_json::Value = serde_json::from_str(&text)?;
     Ok(value["gateways"]

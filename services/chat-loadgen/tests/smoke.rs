@@ -8,32 +8,17 @@ use std::process::Command;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = chat_gateway::Settings::defaults();
-    settings.bind = "127.0.0.1:0".parse().unwrap();
-    settings.metrics_bind = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = dir.path().to_path_buf();
-    settings.rate_per_sec = 1000;
-    settings.rate_burst = 1000;
-    let app = chat_gateway::Application::build(settings).await.unwrap();
-    let port = app.port();
-    let shutdown = app.shutdown_token();
-    let server = tokio::spawn(app.run_until_stopped());
+    let (port, shutdown, server) = gateway(dir.path()).await;
 
     let plot = dir.path().join("plot.svg");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
-            .args(["--url", &format!("http://127.0.0.1:{port}")])
-            .args(common::SMALL_FANOUT)
-            .arg("--json")
-            .arg("--pid")
-            .arg(std::process::id().to_string())
-            .arg("--plot")
-            .arg(&plot)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut args: Vec<String> = common::SMALL_FANOUT.map(String::from).into();
+    args.extend([
+        "--json".into(),
+        "--pid".into(),
+        std::process::id().to_string(),
+    ]);
+    args.extend(["--plot".into(), plot.display().to_string()]);
+    let output = loadgen(port, args).await.unwrap();
     let report = common::report(&output);
     let acked = common::assert_every_message_delivered(&report);
     assert!(report["e2e_latency"]["samples"].as_u64().unwrap() >= acked * 21);
@@ -51,6 +36,18 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     );
     shutdown.cancel();
     server.await.unwrap().unwrap();
+}
+
+/// Runs the load generator against the gateway on `port` (on a blocking thread, as it can
+/// take a while).
+fn loadgen(port: u16, args: Vec<String>) -> tokio::task::JoinHandle<std::process::Output> {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .args(args)
+            .output()
+            .unwrap()
+    })
 }
 
 /// An in-process embedded gateway for one test, with the send limit raised for load.
@@ -81,16 +78,10 @@ async fn many_publishers_in_one_room_count_no_false_loss() {
     // a lost delivery: all of them now join before the first message.
     let dir = tempfile::tempdir().unwrap();
     let (port, shutdown, server) = gateway(dir.path()).await;
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
-            .args(["--url", &format!("http://127.0.0.1:{port}")])
-            .args(["--clients", "5", "--rooms", "1", "--publishers", "20"])
-            .args(["--rate", "400", "--duration", "2", "--json"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let args = "--clients 5 --rooms 1 --publishers 20 --rate 400 --duration 2 --json";
+    let output = loadgen(port, args.split(' ').map(String::from).collect())
+        .await
+        .unwrap();
     let report = common::report(&output);
     let acked = report["messages_acked"].as_u64().unwrap();
     assert!(acked >= 400, "{report}");
@@ -111,14 +102,13 @@ async fn many_publishers_in_one_room_count_no_false_loss() {
 async fn a_gateway_that_goes_away_for_good_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let (port, shutdown, server) = gateway(dir.path()).await;
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
-            .args(["--url", &format!("http://127.0.0.1:{port}")])
-            .args(&common::SMALL_FANOUT[..10]) // its layout, for longer
-            .args(["--duration", "6", "--json"])
-            .output()
-            .unwrap()
-    });
+    // SMALL_FANOUT's layout without its duration, for longer.
+    let mut args: Vec<String> = common::SMALL_FANOUT[..10]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(["--duration", "6", "--json"].map(String::from));
+    let run = loadgen(port, args);
     // Stopped once its clients are connected, in the middle of publishing, and not started
     // again: the clients cannot come back.
     let started = std::time::Instant::now();
