@@ -110,7 +110,15 @@ def light_row():
     r = load("fanout-light")
     if r:
         p = r["plan"]
-        row("fanout, light", "fanout at %g msg/s: %.0f deliveries/s (the floor, for reference)" % (p["rate"], r["deliveries_per_sec"]),
+        row("fanout, light", "fanout at %g msg/s: %.0f deliveries/s (for reference)" % (p["rate"], r["deliveries_per_sec"]),
+            "-", e2e_summary(r), "")
+
+
+def no_flush_row(name, label):
+    """The same load with Postgres not flushing its commits: what the disk adds."""
+    r = load(name + "-no-flush")
+    if r:
+        row(label + ", no flush", "the same, Postgres with fsync and synchronous commit off (for reference)",
             "-", e2e_summary(r), "")
 
 
@@ -127,6 +135,9 @@ for name, target_ms in [("fanout", 10), ("many-rooms", 10), ("big-room", 100)]:
             ok(ratio == 1.0 and e2e <= target_ms))
     if name == "fanout":
         light_row()
+        no_flush_row("fanout-light", "fanout, light")
+    if name == "many-rooms":
+        no_flush_row("many-rooms", "many-rooms")
 r = load("saturation")
 if r:
     steps = r["steps"]
@@ -159,8 +170,8 @@ def share(m, key):
 
 def machine_section():
     """How busy the whole machine was during each run (the load generator reads /proc/stat)."""
-    names = ["idle", "fanout", "fanout-light", "many-rooms", "big-room", "saturation", "durable",
-             "reconnect-storm"]
+    names = ["idle", "fanout", "fanout-light", "fanout-light-no-flush", "many-rooms",
+             "many-rooms-no-flush", "big-room", "saturation", "durable", "reconnect-storm"]
     runs = [(n, load(n)) for n in names]
     runs = [(n, r) for n, r in runs if r and r.get("machine")]
     if not runs:

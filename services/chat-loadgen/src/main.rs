@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use stats::{Receiver, Shared};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -98,7 +98,7 @@ pub struct Cli {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Write a plot of throughput and latency over time (SVG).
+    /// Write a plot of throughput and latency over time to this file (SVG; name it *.svg).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Spread connections over this many loopback source addresses (127.0.0.1, .2, ...), so
@@ -192,6 +192,21 @@ impl Plan {
             ),
             (None, None) => {}
             _ => anyhow::bail!("--kill-after and --kill-cmd go together"),
+        }
+        if let Some(plot) = &cli.plot {
+            // Checked now, not after a run that may take minutes.
+            anyhow::ensure!(
+                plot.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("svg")),
+                "--plot writes an SVG file: name it *.svg (got {})",
+                plot.display()
+            );
+            let dir = plot.parent().filter(|d| !d.as_os_str().is_empty());
+            anyhow::ensure!(
+                dir.is_none_or(Path::is_dir),
+                "--plot: directory {} does not exist",
+                dir.unwrap_or(Path::new(".")).display()
+            );
         }
         let clients = cli.clients.unwrap_or(clients);
         Ok(Plan {
@@ -1063,6 +1078,67 @@ fn handle_publisher_frame(ctx: &Ctx, text: &str, recorder: &mut Receiver, acks: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(args: &[&str]) -> anyhow::Result<Plan> {
+        let cli = Cli::try_parse_from(std::iter::once("chat-loadgen").chain(args.iter().copied()))?;
+        Plan::from(&cli)
+    }
+
+    #[track_caller]
+    fn refused(args: &[&str], says: &str) {
+        match plan(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => assert!(format!("{e:#}").contains(says), "{args:?}: {e:#}"),
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_anything_runs() {
+        refused(&["--users", "0"], "--users must be at least 1");
+        refused(&["--rooms", "0"], "--rooms must be at least 1");
+        refused(&["--duration", "0"], "--duration must be at least 1 s");
+        refused(&["--rate", "0"], "above 0 msg/s");
+        refused(&["--steps", "a:b:0"], "START:STEP:COUNT");
+        refused(&["--steps", "100:100"], "START:STEP:COUNT");
+        refused(&["--steps", "100:100:0"], "COUNT is a whole number");
+        refused(&["--steps", "100:100:1001"], "COUNT is a whole number");
+        refused(&["--steps", "100:-100:3"], "above 0 msg/s");
+        refused(&["--kill-cmd", "true"], "go together");
+        refused(&["--kill-after", "5"], "go together");
+        refused(
+            &[
+                "--duration",
+                "10",
+                "--kill-after",
+                "10",
+                "--kill-cmd",
+                "true",
+            ],
+            "not within the 10 s",
+        );
+        refused(&["--plot", "out.png"], "name it *.svg");
+        refused(&["--plot", "out"], "name it *.svg");
+        refused(&["--plot", "/no/such/dir/out.svg"], "does not exist");
+    }
+
+    #[test]
+    fn the_edges_of_the_arguments_are_accepted() {
+        let p = plan(&["--steps", "100:100:1000", "--duration", "1"]).unwrap();
+        assert_eq!((p.steps.len(), p.steps[999]), (1000, 100_000.0));
+        let p = plan(&[
+            "--duration",
+            "10",
+            "--kill-after",
+            "9",
+            "--kill-cmd",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(p.duration_s, 10);
+        plan(&["--users", "1", "--rooms", "1", "--plot", "OUT.SVG"]).unwrap();
+        // An idle run has no publishers, so no rate to check.
+        plan(&["--scenario", "idle", "--rate", "0"]).unwrap();
+    }
 
     #[test]
     fn publishers_take_evenly_spread_turns() {

@@ -16,6 +16,16 @@ async fn gateway_behind_a_proxy(s: &Services) -> (crate::proxy::FreezingProxy, G
     (proxy, Gateway::start(settings).await)
 }
 
+/// A proxy in front of the shared Postgres, and the services' database URL rewritten to go
+/// through it (taken from `s`, so that nothing else reaches the database directly).
+async fn postgres_behind_a_proxy(s: &mut Services) -> (crate::proxy::FreezingProxy, String) {
+    let pg = chat_testkit::shared_postgres();
+    let proxy = crate::proxy::FreezingProxy::start(pg.port()).await;
+    let db = s.database_url.take().unwrap();
+    let proxied = proxy.rewrite(&db, pg.port());
+    (proxy, proxied)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat() {
     let s = services();
@@ -267,11 +277,9 @@ async fn a_silently_dead_subscription_is_detected_and_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_database_costs_one_deadline_not_the_session() {
     let mut s = services();
-    let pg = chat_testkit::shared_postgres();
-    let proxy = crate::proxy::FreezingProxy::start(pg.port()).await;
-    let db = s.database_url.take().unwrap();
+    let (proxy, proxied) = postgres_behind_a_proxy(&mut s).await;
     let mut settings = s.settings();
-    settings.database_url = Some(secrecy::SecretString::from(proxy.rewrite(&db, pg.port())));
+    settings.database_url = Some(secrecy::SecretString::from(proxied));
     settings.store_timeout_ms = 1000;
     let gw = Gateway::start(settings).await;
     let (alice, ta) = register(gw.port, "alice").await;
@@ -325,10 +333,7 @@ async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
     // traffic the readiness probe is the only caller, and it gives up before a session's
     // deadline: that call must be counted too.
     let mut s = services();
-    let pg = chat_testkit::shared_postgres();
-    let proxy = crate::proxy::FreezingProxy::start(pg.port()).await;
-    let db = s.database_url.take().unwrap();
-    let proxied = proxy.rewrite(&db, pg.port());
+    let (proxy, proxied) = postgres_behind_a_proxy(&mut s).await;
     let gw = GatewayProcess::start(
         &s,
         &[
