@@ -11,7 +11,7 @@ use std::time::Duration;
 ///
 /// `chat ROOM` opens ROOM interactively; the subcommands below are for accounts and scripts.
 /// The session (server, user, token) is kept in $CHAT_CONFIG_DIR/session.json, by default
-/// ~/.config/chat/session.json.
+/// $XDG_CONFIG_HOME/chat/session.json, or ~/.config/chat/session.json without XDG_CONFIG_HOME.
 #[derive(Parser)]
 #[command(
     name = "chat",

@@ -89,6 +89,9 @@ impl Application {
                 (Arc::new(store), Arc::new(bus), secret)
             }
         };
+        // The store opened (and migrated), so it answered: ready until a readiness check or
+        // the drain says otherwise.
+        metrics::gauge!("chat_ready").set(1.0);
         let tasks = TaskTracker::new();
         let hub = Hub::new(
             gateway.clone(),
@@ -240,6 +243,7 @@ async fn drain(ctx: &SharedContext) {
     let grace = ctx.settings.grace_period();
     ctx.draining.cancel();
     metrics::gauge!("chat_draining").set(1.0);
+    metrics::gauge!("chat_ready").set(0.0);
     tracing::info!(open = ctx.sessions.open(), "draining");
     if let Err(e) = ctx.bus.withdraw_presence().await {
         tracing::warn!(error = %e, "could not withdraw presence; it expires by heartbeat");

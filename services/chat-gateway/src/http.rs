@@ -141,7 +141,8 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// 200 only while the store and the bus answer and the gateway is not draining.
+/// 200 only while the store and the bus answer and the gateway is not draining. The answer is
+/// also the `chat_ready` gauge, so that dashboards and alerts see what the orchestrator sees.
 pub async fn readyz(State(ctx): State<SharedContext>) -> Response {
     let problem = if ctx.draining.is_cancelled() {
         Some("draining")
@@ -153,6 +154,7 @@ pub async fn readyz(State(ctx): State<SharedContext>) -> Response {
             Err(_) => Some("history store unavailable"),
         }
     };
+    metrics::gauge!("chat_ready").set(if problem.is_none() { 1.0 } else { 0.0 });
     match problem {
         None => (StatusCode::OK, "ready\n").into_response(),
         Some(reason) => (

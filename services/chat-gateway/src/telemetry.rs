@@ -15,7 +15,10 @@ pub fn init_logs(format: LogFormat) {
             filter = filter.add_directive(directive);
         }
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only for a terminal: in a file or a log collector they are noise.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -55,11 +58,14 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn new() -> Self {
+        // The recorder first: descriptions given before it exists are lost, and `/metrics`
+        // would have no HELP lines.
+        let handle = metrics_handle();
         let process = metrics_process::Collector::default();
         process.describe();
         describe();
         Exporter {
-            handle: metrics_handle(),
+            handle,
             process: std::sync::Arc::new(process),
         }
     }
@@ -254,6 +260,10 @@ fn describe() {
         "calls waiting for a Postgres connection"
     );
     describe_gauge!("chat_draining", "1 while this replica drains");
+    describe_gauge!(
+        "chat_ready",
+        "1 if the last readiness check (/readyz) passed, 0 if it failed or the replica drains"
+    );
 }
 
 /// The process-wide recorder (the `metrics` facade has one global recorder).

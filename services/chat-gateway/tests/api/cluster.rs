@@ -345,6 +345,7 @@ async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
     .await;
     let errors = gw.counter("chat_store_errors_total").await;
     let calls = gw.counter("chat_store_query_duration_seconds_count").await;
+    assert_eq!(gw.counter("chat_ready").await, 1.0, "ready from start-up");
 
     proxy.freeze_existing();
     let started = Instant::now();
@@ -363,6 +364,24 @@ async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
         gw.counter("chat_store_query_duration_seconds_count").await - calls,
         1.0
     );
+    // The dashboard's ready count and NoReadyGateways see the probe's answer.
+    assert_eq!(gw.counter("chat_ready").await, 0.0);
+
+    // The hung connection is dropped; a new one answers the next probe, and the gauge follows.
+    let started = Instant::now();
+    while reqwest::get(format!("http://127.0.0.1:{}/readyz", gw.port))
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.counter("chat_ready").await, 1.0);
 }
 
 /// Frames `client` receives up to and including the message with `seq`.

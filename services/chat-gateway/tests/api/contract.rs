@@ -928,3 +928,35 @@ async fn a_socket_that_takes_no_writes_is_closed_after_the_write_timeout() {
     assert_eq!(bob.say(&room, "still here").await, 1501);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_carry_their_descriptions_and_logs_in_a_file_are_plain_text() {
+    // A process of its own: the metrics recorder is process-wide, and only the first gateway
+    // of a process shows whether descriptions given at start-up reach `/metrics`.
+    let s = Services::start(Backend::Embedded);
+    let log_path = s.data_dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut gw = GatewayProcess::start_with_logs(&s, &[("RUST_LOG", "info")], log).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Prometheus and Grafana show these texts next to each series.
+    for help in [
+        "# HELP chat_connections_open ",
+        "# HELP chat_ready ",
+        "# HELP process_resident_memory_bytes ",
+    ] {
+        assert!(metrics.contains(help), "no {help:?} in:\n{metrics}");
+    }
+    gw.signal("TERM");
+    assert!(gw.child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logs.contains("drained"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "terminal colour codes in a log file: {logs:?}"
+    );
+}
