@@ -566,12 +566,7 @@ async fn health_body(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "readyz never 200");
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(gw.metrics_port).await;
     assert!(metrics.contains("chat_build_info"), "{metrics}");
     let r = reqwest::get(gw.http("/nope")).await.unwrap();
     assert_eq!(r.status(), 404);
@@ -937,12 +932,7 @@ async fn metrics_carry_their_descriptions_and_logs_in_a_file_are_plain_text() {
     let log_path = s.data_dir.path().join("gateway.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut gw = GatewayProcess::start_with_logs(&s, &[("RUST_LOG", "info")], log).await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(gw.metrics_port).await;
     // Prometheus and Grafana show these texts next to each series.
     for help in [
         "# HELP chat_connections_open ",

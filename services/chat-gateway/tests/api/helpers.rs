@@ -210,12 +210,7 @@ impl GatewayProcess {
 
     /// The value of a counter on this process's metrics listener (0 if not yet exported).
     pub async fn counter(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .expect("metrics answer")
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(self.metrics_port).await;
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -514,4 +509,14 @@ pub async fn message_seqs(client: &mut Client, n: usize) -> Vec<u64> {
         seqs.push(client.next_message().await["seq"].as_u64().unwrap());
     }
     seqs
+}
+
+/// The `/metrics` page of the gateway whose metrics listener is on `metrics_port`.
+pub async fn metrics_text(metrics_port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .unwrap()
 }
