@@ -282,6 +282,13 @@ impl Connection {
                 _ = &mut drain, if end.is_none() => end = Some(End::Drain),
                 _ = &mut beat, if end.is_none() => {
                     let now = Instant::now();
+                    if handling.is_some() || link.armed {
+                        // The socket is not read while a frame is handled (a join may write
+                        // a long backlog), and a ping waits behind the frames the client
+                        // has yet to read: a client busy reading cannot be heard, and that
+                        // is not silence. One that stops reading meets the write deadline.
+                        last_seen = now;
+                    }
                     if now >= last_seen + silence_limit {
                         end = Some(End::HeartbeatTimeout);
                     } else {
@@ -296,6 +303,7 @@ impl Connection {
                     if handling.is_some() =>
                 {
                     handling = None;
+                    last_seen = Instant::now();
                     self.session = Some(session);
                     if handled.is_err() {
                         end.get_or_insert(End::Gone);

@@ -950,3 +950,54 @@ async fn metrics_carry_their_descriptions_and_logs_in_a_file_are_plain_text() {
         "terminal colour codes in a log file: {logs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_a_long_backlog_is_not_closed_as_silent() {
+    // The gateway reads nothing from a socket while it writes a join's backlog, so the client
+    // cannot be heard then. A backlog that takes longer to read than the silence limit
+    // (2.5 heartbeats, 1.5 s here) must not end the connection.
+    let (_services, gw) = embedded_gateway(|settings| {
+        settings.rate_per_sec = 10_000;
+        settings.rate_burst = 10_000;
+        settings.heartbeat_ms = 600;
+    })
+    .await;
+    let (alice_name, alice_token) = register(gw.port, "alice").await;
+    let (bob_name, bob_token) = register(gw.port, "bob").await;
+    let room = unique("replay");
+    let mut bob = Client::connect(gw.port, &bob_name, &bob_token).await;
+    bob.join(&room).await;
+    // About 8 MB: more than the kernel's socket buffers hold, so the gateway is still writing
+    // the backlog while Alice reads the first half of it.
+    let body = "x".repeat(3900);
+    let n = 2000;
+    back_up(&mut bob, &room, n, &body).await;
+    drop(bob);
+
+    let mut alice = Client::connect_small_buffer(gw.port, &alice_name, &alice_token).await;
+    let started = std::time::Instant::now();
+    alice
+        .send(json!({"type": "join", "room": room, "since": 0}))
+        .await;
+    let mut seqs = Vec::with_capacity(n);
+    while seqs.len() < n {
+        let frame = alice.recv().await;
+        if frame["type"] == "message" {
+            seqs.push(frame["seq"].as_u64().unwrap());
+            // A slow link: about 4 MB/s.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let reading = started.elapsed();
+    assert!(
+        reading > Duration::from_secs(1),
+        "the backlog was read in {reading:?}: too fast to test the silence limit"
+    );
+    assert!(seqs.iter().copied().eq(1..=n as u64), "backlog not 1..={n}");
+    assert_eq!(
+        alice.request(json!({"type": "ping"})).await["type"],
+        "pong",
+        "still connected after {reading:?} of reading"
+    );
+    gw.stop().await;
+}
