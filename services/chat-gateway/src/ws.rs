@@ -14,8 +14,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::response::{IntoResponse, Response};
 use chat_protocol::frames::Ref;
 use chat_protocol::{
-    CLOSE_HEARTBEAT_TIMEOUT, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_SLOW_CONSUMER,
-    CLOSE_TOO_BIG, ClientFrame, ErrorCode, ServerFrame, Username, parse_client_frame,
+    CLOSE_HEARTBEAT_TIMEOUT, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, CLOSE_SERVICE_RESTART,
+    CLOSE_SLOW_CONSUMER, CLOSE_TOO_BIG, ClientFrame, ErrorCode, ServerFrame, Username,
+    parse_client_frame,
 };
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::future::Future;
@@ -122,7 +123,7 @@ async fn handshake(
         )
     };
     let first = tokio::select! {
-        first = tokio::time::timeout(ctx.settings.hello_timeout(), socket.next()) => first,
+        first = tokio::time::timeout(ctx.settings.hello_timeout(), first_data_frame(socket)) => first,
         _ = slot.close.cancelled() => {
             return Err((None, End::Drain, ErrorCode::Unavailable, "gateway is draining"));
         }
@@ -154,6 +155,17 @@ async fn handshake(
         },
         Ok((reference, _)) => Err(unauthorized(reference)),
         Err(e) => Err(unauthorized(e.reference)),
+    }
+}
+
+/// The first frame that is not a Ping or a Pong: those are the client's WebSocket library
+/// keeping the connection alive, not its first word. The hello timeout bounds the wait.
+async fn first_data_frame(socket: &mut WebSocket) -> Option<Result<Message, axum::Error>> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
     }
 }
 
@@ -422,7 +434,9 @@ impl End {
             End::HeartbeatTimeout => Some((CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")),
             End::TooLarge => Some((CLOSE_TOO_BIG, "frame too large")),
             End::Unauthorized => Some((CLOSE_POLICY, "unauthorized")),
-            End::ClientClosed | End::Error | End::Gone | End::SlowConsumer => None,
+            // Also tried when the socket itself failed; that write then fails unseen.
+            End::Error => Some((CLOSE_PROTOCOL_ERROR, "websocket protocol error")),
+            End::ClientClosed | End::Gone | End::SlowConsumer => None,
         }
     }
 }

@@ -18,6 +18,9 @@ pub use names::{ClientId, MessageBody, NameError, Password, RoomKind, RoomName, 
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code sent when the first frame is not a valid `hello`.
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code sent when a client breaks the WebSocket protocol (RFC 6455): a reserved bit set,
+/// an unmasked frame, a text frame that is not UTF-8, an oversized control frame.
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code sent when the gateway drains (restart): reconnect elsewhere.
 pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 /// Close code sent to a consumer whose outbound queue overflowed; it should reconnect and resume.

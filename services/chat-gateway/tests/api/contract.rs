@@ -138,6 +138,13 @@ async fn hello_rules_body(backend: Backend) {
         }
         assert_eq!(client.closed().await, 1008, "{case:?}");
     }
+
+    // A Ping or Pong before hello is the client's WebSocket library keeping the connection
+    // alive: the hello after it is welcomed.
+    let mut client = Client::connect_raw(gw.port).await;
+    client.send_ping().await;
+    client.send(json!({"type": "hello", "token": token})).await;
+    assert_eq!(client.recv().await["type"], "welcome");
     gw.stop().await;
 }
 
@@ -999,5 +1006,15 @@ async fn a_client_reading_a_long_backlog_is_not_closed_as_silent() {
         "pong",
         "still connected after {reading:?} of reading"
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_protocol_error_is_closed_with_1002() {
+    let (_services, gw) = embedded_gateway(|_| {}).await;
+    let (user, token) = register(gw.port, "proto").await;
+    let mut client = Client::connect(gw.port, &user, &token).await;
+    client.send_invalid_utf8_text().await;
+    assert_eq!(client.closed().await, 1002);
     gw.stop().await;
 }

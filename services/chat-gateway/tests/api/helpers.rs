@@ -393,6 +393,26 @@ impl Client {
             .expect("send frame");
     }
 
+    pub async fn send_ping(&mut self) {
+        self.ws
+            .send(Message::Ping(Default::default()))
+            .await
+            .expect("send ping");
+    }
+
+    /// Sends a text frame whose payload is not UTF-8: a WebSocket protocol error.
+    pub async fn send_invalid_utf8_text(&mut self) {
+        use tokio_tungstenite::tungstenite::protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        };
+        let frame = Frame::message(vec![0xff, 0xfe, 0xfd], OpCode::Data(Data::Text), true);
+        self.ws
+            .send(Message::Frame(frame))
+            .await
+            .expect("send frame");
+    }
+
     pub async fn send_text(&mut self, text: String) {
         self.ws.send(Message::text(text)).await.expect("send frame");
     }
