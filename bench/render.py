@@ -128,8 +128,9 @@ for name, target_ms in [("fanout", 10), ("many-rooms", 10), ("big-room", 100)]:
         p = r["plan"]
         e2e = r["e2e_latency"]["p99_ms"]
         ratio = r["deliveries"]["ratio"]
-        row(name, "%d clients, %d rooms, %d publishers, %g msg/s: %.0f deliveries/s" % (
-            p["clients"], p["rooms"], p["publishers"], p["rate"], r["deliveries_per_sec"]),
+        row(name, "%d clients, %d room%s, %d publishers, %g msg/s: %.0f deliveries/s" % (
+            p["clients"], p["rooms"], "" if p["rooms"] == 1 else "s", p["publishers"], p["rate"],
+            r["deliveries_per_sec"]),
             "ratio 1.0, p99 ≤ %d ms" % target_ms,
             e2e_summary(r),
             ok(ratio == 1.0 and e2e <= target_ms))
