@@ -88,7 +88,9 @@ pub struct Settings {
     #[arg(long, env = "CHAT_REPLY_QUEUE", default_value_t = 256)]
     pub reply_queue: usize,
 
-    /// Milliseconds a socket may take to accept queued frames before it is treated as dead.
+    /// Milliseconds a socket may go without accepting any of the frames queued for it before
+    /// it is treated as dead (a client that keeps reading is never cut off, however long its
+    /// backlog).
     #[arg(long, env = "CHAT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 

@@ -468,6 +468,10 @@ struct Link {
     flushing: bool,
     /// The write timeout is running.
     armed: bool,
+    /// When a flush last finished: the client took what it was sent. The write timeout
+    /// counts from here, not from when writing began, so a client that keeps reading a long
+    /// backlog is not taken for dead.
+    last_flush: Instant,
     /// A socket that does not take a flush within this time is treated as dead
     /// (`CHAT_WRITE_TIMEOUT_MS`).
     write_timeout: Duration,
@@ -489,6 +493,7 @@ impl Link {
             texts: 0,
             flushing: false,
             armed: false,
+            last_flush: Instant::now(),
             kicked: false,
             broken: false,
         }
@@ -519,8 +524,14 @@ impl Link {
             } else if !writing {
                 self.armed = false;
             }
-            if self.armed && deadline.poll(cx).is_ready() {
-                return self.broke();
+            // The deadline is set when writing begins and moved only when it fires (a timer
+            // reset per flush would cost every delivery a timer-wheel update).
+            while self.armed && deadline.as_mut().poll(cx).is_ready() {
+                let due = self.last_flush + self.write_timeout;
+                if due <= Instant::now() {
+                    return self.broke();
+                }
+                deadline.as_mut().reset(due);
             }
         }
         if reading && let Poll::Ready(incoming) = Pin::new(&mut self.socket).poll_next(cx) {
@@ -564,6 +575,7 @@ impl Link {
                 Poll::Pending => return Ok(()),
             }
             hot::FRAMES_WRITTEN.increment(self.texts);
+            self.last_flush = Instant::now();
             self.flushing = false;
             self.fed = 0;
             self.texts = 0;

@@ -962,11 +962,13 @@ async fn metrics_carry_their_descriptions_and_logs_in_a_file_are_plain_text() {
 async fn a_client_reading_a_long_backlog_is_not_closed_as_silent() {
     // The gateway reads nothing from a socket while it writes a join's backlog, so the client
     // cannot be heard then. A backlog that takes longer to read than the silence limit
-    // (2.5 heartbeats, 1.5 s here) must not end the connection.
+    // (2.5 heartbeats, 1.5 s here) or the write timeout (2 s) must not end the connection:
+    // the client is reading.
     let (_services, gw) = embedded_gateway(|settings| {
         settings.rate_per_sec = 10_000;
         settings.rate_burst = 10_000;
         settings.heartbeat_ms = 600;
+        settings.write_timeout_ms = 2000;
     })
     .await;
     let (alice_name, alice_token) = register(gw.port, "alice").await;
