@@ -183,11 +183,15 @@ def machine_section():
     w("of the system) from the end of connecting to the end of each run, and the share the")
     w("hypervisor took for other guests (`steal`), read from /proc/stat by the load generator.")
     w("Past about 90 % busy, tasks queue for a core and the latency tail is mostly that wait.")
+    w("`send lag` is how late the load generator's publishers sent, against their schedule:")
+    w("latencies are timed from the actual send, so a late send hides up to that much of them.")
     w("")
-    w("| scenario | busy | stolen |")
-    w("|---|---|---|")
+    w("| scenario | busy | stolen | send lag p50 / p99 / max (ms) |")
+    w("|---|---|---|---|")
     for n, r in runs:
-        w("| %s | %s | %s |" % (n, share(r["machine"], "busy_share"), share(r["machine"], "steal_share")))
+        lag = r.get("send_lag")
+        lag = "%s / %s / %s" % (fmt(lag["p50_ms"]), fmt(lag["p99_ms"]), fmt(lag["max_ms"])) if lag and lag["samples"] else "-"
+        w("| %s | %s | %s | %s |" % (n, share(r["machine"], "busy_share"), share(r["machine"], "steal_share"), lag))
     w("")
 
 

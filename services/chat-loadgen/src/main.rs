@@ -1,8 +1,8 @@
 //! `chat-loadgen`: opens many connections to a gateway (or through nginx), spreads them over
 //! rooms, publishes at a controlled rate, and measures what every receiver got: a delivery
 //! ratio that counts each missing or duplicated message, send-to-ack and end-to-end latency
-//! percentiles (HDR histograms), throughput, the gateway processes' CPU and memory, and how
-//! busy the whole machine was.
+//! percentiles (HDR histograms), throughput, the gateway processes' CPU and memory, how
+//! busy the whole machine was, and how far its own sends fell behind their schedule.
 
 mod client;
 mod procstat;
@@ -40,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 /// every acked message of its room exactly once. The exit status is 2 when the run was not
 /// clean: a delivery missing or doubled (ratio below 1), a connection that failed or was not
 /// open at the end, or a send never answered. Deliveries/s count from the first send to the
-/// last delivery; each step's figures come from exactly its own seconds.
+/// last delivery; each step's figures come from exactly its own seconds. Latencies are timed
+/// from the actual send; `send lag` shows how late sends left against the schedule (a busy
+/// machine can delay the load generator itself, and hide that much latency).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "chat-loadgen", version, about, verbatim_doc_comment)]
 pub struct Cli {
@@ -244,6 +246,9 @@ struct Ctx {
     ws_urls: Vec<String>,
     shared: Shared,
     latencies: stats::Latencies,
+    /// How late each scheduled send left (the load generator's own lag behind its schedule):
+    /// latencies are measured from the actual send, so this shows how much they can hide.
+    send_lag: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
     /// Acknowledged messages per room.
     acked: Vec<AtomicU64>,
     /// Connections in each room that joined it (receivers and publishers whose first connect
@@ -355,6 +360,8 @@ pub struct Outcome {
     pub delivery_seconds: f64,
     pub ack: Histogram<u64>,
     pub e2e: Histogram<u64>,
+    /// How late the scheduled sends left.
+    pub send_lag: Histogram<u64>,
     pub per_second: Vec<report::Second>,
     pub gateway: report::GatewayUse,
     pub idle_bytes_per_connection: Option<f64>,
@@ -382,6 +389,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
             .collect(),
         shared: Shared::new(seconds),
         latencies: stats::Latencies::new(LATENCY_SHARDS),
+        send_lag: std::sync::Mutex::new(stats::histogram()),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         members: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         rate_milli: AtomicU64::new((plan.steps[0] * 1000.0) as u64),
@@ -640,6 +648,11 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         publish_seconds,
         ack,
         e2e,
+        send_lag: ctx
+            .send_lag
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| stats::histogram()),
         per_second,
         gateway: report::GatewayUse {
             pids: sampler.pids(),
@@ -949,6 +962,10 @@ async fn publish_on_schedule(
                 None => continue,
             },
             _ = tokio::time::sleep_until(next.into()), if !ctx.stop_publishing.is_cancelled() => {
+                let lag_us = Instant::now().saturating_duration_since(next).as_micros() as u64;
+                if let Ok(mut lag) = ctx.send_lag.lock() {
+                    let _ = lag.record(lag_us.clamp(1, 60_000_000));
+                }
                 next += turn_interval(publishers, rate());
                 n += 1;
                 let head = format!("t{} p{index} n{n} ", client::now_us());

@@ -74,6 +74,9 @@ struct Json<'a> {
     delivery_seconds: f64,
     ack_latency: Percentiles,
     e2e_latency: Percentiles,
+    /// How late each scheduled send left: the latencies above start at the actual send, so
+    /// a load generator behind its schedule would understate them by up to this.
+    send_lag: Percentiles,
     gateway: &'a GatewayUse,
     idle_bytes_per_connection: Option<f64>,
     recovery_seconds: Option<f64>,
@@ -99,6 +102,7 @@ pub fn print(o: &Outcome, json: bool) {
             delivery_seconds: o.delivery_seconds,
             ack_latency: Percentiles::of(&o.ack),
             e2e_latency: Percentiles::of(&o.e2e),
+            send_lag: Percentiles::of(&o.send_lag),
             gateway: &o.gateway,
             idle_bytes_per_connection: o.idle_bytes_per_connection,
             recovery_seconds: o.recovery_seconds,
@@ -157,7 +161,12 @@ pub fn print(o: &Outcome, json: bool) {
         "deliveries/s: {deliveries_per_sec:.0} (over {:.1} s: {:.1} s of publishing and the last deliveries)",
         o.delivery_seconds, o.publish_seconds
     );
-    for (name, h) in [("send->ack", &o.ack), ("end-to-end", &o.e2e)] {
+    for (name, h) in [
+        ("send->ack", &o.ack),
+        ("end-to-end", &o.e2e),
+        // Latencies start at the actual send: this is how much a late send could hide.
+        ("send lag", &o.send_lag),
+    ] {
         let q = Percentiles::of(h);
         println!(
             "{name:>10} ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  ({} samples)",

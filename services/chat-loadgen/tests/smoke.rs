@@ -22,6 +22,8 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let report = common::report(&output);
     let acked = common::assert_every_message_delivered(&report);
     assert!(report["e2e_latency"]["samples"].as_u64().unwrap() >= acked * 21);
+    // Every scheduled send says how late it left (none was refused, so each was acked).
+    assert_eq!(report["send_lag"]["samples"].as_u64(), Some(acked));
     assert!(report["gateway"]["rss_bytes_end"].as_u64().unwrap() > 0);
     // The machine was busy running this very test: its share is a fraction above zero.
     let machine = &report["machine"];
