@@ -248,7 +248,7 @@ struct Ctx {
     latencies: stats::Latencies,
     /// How late each scheduled send left (the load generator's own lag behind its schedule):
     /// latencies are measured from the actual send, so this shows how much they can hide.
-    send_lag: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    send_lag: stats::Latencies,
     /// Acknowledged messages per room.
     acked: Vec<AtomicU64>,
     /// Connections in each room that joined it (receivers and publishers whose first connect
@@ -389,7 +389,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
             .collect(),
         shared: Shared::new(seconds),
         latencies: stats::Latencies::new(LATENCY_SHARDS),
-        send_lag: std::sync::Mutex::new(stats::histogram()),
+        send_lag: stats::Latencies::new(LATENCY_SHARDS),
         acked: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         members: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
         rate_milli: AtomicU64::new((plan.steps[0] * 1000.0) as u64),
@@ -648,11 +648,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         publish_seconds,
         ack,
         e2e,
-        send_lag: ctx
-            .send_lag
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|_| stats::histogram()),
+        send_lag: ctx.send_lag.merged().0,
         per_second,
         gateway: report::GatewayUse {
             pids: sampler.pids(),
@@ -962,10 +958,8 @@ async fn publish_on_schedule(
                 None => continue,
             },
             _ = tokio::time::sleep_until(next.into()), if !ctx.stop_publishing.is_cancelled() => {
-                let lag_us = Instant::now().saturating_duration_since(next).as_micros() as u64;
-                if let Ok(mut lag) = ctx.send_lag.lock() {
-                    let _ = lag.record(lag_us.clamp(1, 60_000_000));
-                }
+                let lag = Instant::now().saturating_duration_since(next);
+                ctx.send_lag.record(index, lag.as_micros() as u64, ctx.second());
                 next += turn_interval(publishers, rate());
                 n += 1;
                 let head = format!("t{} p{index} n{n} ", client::now_us());

@@ -993,7 +993,7 @@ async fn a_client_reading_a_long_backlog_is_not_closed_as_silent() {
         let frame = alice.recv().await;
         if frame["type"] == "message" {
             seqs.push(frame["seq"].as_u64().unwrap());
-            // A slow link: about 4 MB/s.
+            // A slow link: a millisecond or more per 3.9 KB message.
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
