@@ -20,7 +20,7 @@ use axum::serve::ListenerExt;
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -106,8 +106,8 @@ impl Application {
             Duration::from_secs(settings.token_ttl_hours * 3600),
             settings.hash_concurrency,
         );
-        let listener = bind(settings.bind).await?;
-        let metrics_listener = bind(settings.metrics_bind).await?;
+        let listener = bind(settings.bind, settings.socket_send_buffer_bytes)?;
+        let metrics_listener = bind(settings.metrics_bind, 0)?;
         let ctx = Arc::new(Context {
             settings,
             gateway,
@@ -269,10 +269,35 @@ async fn drain(ctx: &SharedContext) {
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
 }
 
-async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// Pending connections the kernel holds for `accept` (a reconnect storm arrives at once).
+const ACCEPT_BACKLOG: u32 = 1024;
+
+/// Binds a listener. A `send_buffer` of more than 0 bytes fixes the kernel send buffer of
+/// every socket it accepts (they inherit it from the listener, before the handshake), which
+/// also ends the kernel's autotuning for them; 0 leaves both to the kernel.
+fn bind(addr: std::net::SocketAddr, send_buffer: u32) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    if send_buffer > 0 {
+        socket.set_send_buffer_size(send_buffer).map_err(err)?;
+        // Linux doubles the request for its bookkeeping and caps it at net.core.wmem_max.
+        let granted = socket.send_buffer_size().map_err(err)?;
+        if granted < send_buffer.saturating_mul(2) {
+            tracing::warn!(
+                requested = send_buffer,
+                granted,
+                "CHAT_SOCKET_SEND_BUFFER_BYTES is above what the kernel allows (net.core.wmem_max); sockets get the kernel's maximum"
+            );
+        }
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(ACCEPT_BACKLOG).map_err(err)
 }
 
 /// Postgres may still be starting (compose, Kubernetes): retry for a while, then give up.

@@ -94,6 +94,13 @@ pub struct Settings {
     #[arg(long, env = "CHAT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 
+    /// Kernel send buffer of each client socket, in bytes (SO_SNDBUF; Linux doubles it for its
+    /// bookkeeping and caps it at net.core.wmem_max). With the outbound queue it bounds what a
+    /// client that stops reading holds before it is closed as a slow consumer. 0: the kernel's
+    /// autotuning, which lets each socket grow to net.ipv4.tcp_wmem's maximum (4 MiB by default).
+    #[arg(long, env = "CHAT_SOCKET_SEND_BUFFER_BYTES", default_value_t = 131_072)]
+    pub socket_send_buffer_bytes: u32,
+
     /// Events queued for one room's task on this replica; past this, the room drops them and
     /// reads the store instead.
     #[arg(long, env = "CHAT_ROOM_QUEUE", default_value_t = 4096)]
@@ -173,6 +180,9 @@ pub struct Settings {
 /// characters, each up to 12 bytes as JSON (a character outside the BMP written as two
 /// `\uXXXX` escapes), and 1 KiB for the rest of the frame (room, client id, ref).
 pub const MIN_FRAME_BYTES: usize = MAX_BODY_CHARS * 12 + 1024;
+
+/// The smallest socket send buffer accepted: below it Linux would silently round up anyway.
+pub const MIN_SOCKET_SEND_BUFFER_BYTES: u32 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -310,6 +320,13 @@ impl Settings {
         if self.max_frame_bytes < MIN_FRAME_BYTES {
             return err(format!(
                 "CHAT_MAX_FRAME_BYTES must be at least {MIN_FRAME_BYTES}: a send frame with a {MAX_BODY_CHARS}-character body must fit however its client encodes it"
+            ));
+        }
+        if self.socket_send_buffer_bytes != 0
+            && self.socket_send_buffer_bytes < MIN_SOCKET_SEND_BUFFER_BYTES
+        {
+            return err(format!(
+                "CHAT_SOCKET_SEND_BUFFER_BYTES must be 0 (the kernel's autotuning) or at least {MIN_SOCKET_SEND_BUFFER_BYTES}"
             ));
         }
         if let Some(id) = &self.gateway_id {
@@ -472,6 +489,16 @@ mod tests {
         .to_string()
         .replace('\u{1F600}', "\\ud83d\\ude00");
         assert!(longest.len() <= MIN_FRAME_BYTES, "{} bytes", longest.len());
+        // The socket send buffer: 0 (autotuning) or at least the edge.
+        for ok in ["0", &MIN_SOCKET_SEND_BUFFER_BYTES.to_string()] {
+            let settings = parse(&["--socket-send-buffer-bytes", ok]);
+            assert!(settings.validate().is_ok(), "{ok}");
+        }
+        let below = (MIN_SOCKET_SEND_BUFFER_BYTES - 1).to_string();
+        let e = parse(&["--socket-send-buffer-bytes", &below])
+            .validate()
+            .unwrap_err();
+        assert!(e.0.contains("CHAT_SOCKET_SEND_BUFFER_BYTES"), "{e}");
         let e = parse(&["--gateway-id", "a b"]).validate().unwrap_err();
         assert!(e.0.contains("CHAT_GATEWAY_ID"), "{e}");
     }

@@ -595,14 +595,20 @@ async fn health_body(backend: Backend) {
     gw.stop().await;
 }
 
+// A client that stops reading is told to go (4008) rather than buffered for, and it costs the
+// gateway at most its outbound queue plus the socket's kernel send buffer
+// (CHAT_SOCKET_SEND_BUFFER_BYTES), not the megabytes the kernel's autotuning would grow it to.
 both_modes!(slow_consumers_are_disconnected, slow_consumer_body);
 async fn slow_consumer_body(backend: Backend) {
     let services = Services::start(backend);
+    let send_buffer: usize = 65_536;
+    let queue: usize = 8;
     // A process of its own, so that its metrics are its alone.
     let gw = GatewayProcess::start(
         &services,
         &[
-            ("CHAT_OUTBOUND_QUEUE", "8"),
+            ("CHAT_OUTBOUND_QUEUE", &queue.to_string()),
+            ("CHAT_SOCKET_SEND_BUFFER_BYTES", &send_buffer.to_string()),
             ("CHAT_RATE_PER_SEC", "10000"),
             ("CHAT_RATE_BURST", "10000"),
         ],
@@ -615,19 +621,29 @@ async fn slow_consumer_body(backend: Backend) {
     let mut b = Client::connect_small_buffer(gw.port, &bob, &tb).await;
     a.join(&room).await;
     b.join(&room).await;
-    // Bob stops reading; Alice talks (reading her own socket, so she keeps up). Once the kernel
-    // buffers and Bob's queue are full, he is told to go (4008) rather than buffered for.
+    // Bob stops reading; Alice talks and reads her own socket, so she keeps up.
     let body = "y".repeat(4000);
-    let mut kicked = false;
-    for sent in 1..=5000 {
-        a.say(&room, &body).await;
+    let mut kicked_after = None;
+    for sent in 1..=3000 {
+        let seq = a.say(&room, &body).await;
+        // Alice's own copy: the room has fanned out every earlier message, Bob's copies too.
+        while a.next_message().await["seq"] != seq {}
         a.forget_stash();
-        if sent % 25 == 0 && gw.counter("chat_slow_consumers_total").await >= 1.0 {
-            kicked = true;
+        if gw.counter("chat_slow_consumers_total").await >= 1.0 {
+            kicked_after = Some(sent);
             break;
         }
     }
-    assert!(kicked, "bob was never disconnected");
+    let kicked_after = kicked_after.expect("bob was never disconnected") as usize;
+    // The kernel holds up to twice the setting on the gateway's side (its bookkeeping), and
+    // Bob's small receive buffer a little more; the rest waits in his queue. With the kernel's
+    // autotuning instead, Bob held about 700 of these messages (2.8 MB).
+    let frame = body.len() + 100;
+    let most = queue + (2 * send_buffer + 64 * 1024).div_ceil(frame) + 2;
+    assert!(
+        (queue..=most).contains(&kicked_after),
+        "bob was disconnected after {kicked_after} messages, not {queue} to {most}"
+    );
     assert_eq!(b.closed_after_backlog().await, 4008);
     // Alice, who kept up, is still connected.
     assert_eq!(a.request(json!({"type":"ping"})).await["type"], "pong");
@@ -698,18 +714,24 @@ async fn limits_body(backend: Backend) {
 }
 
 /// Bob, in `room` with Alice, sends `n` long messages while Alice reads nothing; returns once
-/// Bob has his own copy of the last one, so Alice's copies are queued for her by then.
+/// Bob has his own copy of the last one, so Alice's copies are queued for her by then. Bob
+/// reads his copies every hundred messages, so that he is never a slow consumer himself.
 async fn back_up(bob: &mut Client, room: &str, n: usize, body: &str) {
-    for _ in 0..n {
-        bob.send(json!({"type": "send", "room": room, "body": body}))
-            .await;
-    }
-    let mut last = 0;
-    while last < n {
-        let frame = bob.recv().await;
-        if frame["type"] == "message" && frame["from"] == json!(bob.user) {
-            last += 1;
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(100);
+        for _ in 0..batch {
+            bob.send(json!({"type": "send", "room": room, "body": body}))
+                .await;
         }
+        let mut copies = 0;
+        while copies < batch {
+            let frame = bob.recv().await;
+            if frame["type"] == "message" && frame["from"] == json!(bob.user) {
+                copies += 1;
+            }
+        }
+        sent += batch;
     }
 }
 
@@ -769,8 +791,8 @@ async fn joined_and_left_come_after_the_rooms_queued_messages() {
         mut bob,
         room,
     } = backed_up(|_| {}).await;
-    // More than the kernel's socket buffers hold (4 MiB at most for the gateway's side), so
-    // that the rest waits in the gateway.
+    // More than the kernel's socket buffers hold (CHAT_SOCKET_SEND_BUFFER_BYTES on the
+    // gateway's side), so that the rest waits in the gateway.
     let body = "x".repeat(3900);
     let n = 1500;
 
