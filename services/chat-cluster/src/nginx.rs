@@ -23,29 +23,21 @@ pub fn rewrite(
         if line.contains("# @gateway_upstream") {
             seen[0] = true;
             // Keep the server parameters (max_fails, ...) after the address.
-            let params = line
-                .trim()
-                .strip_prefix("server")
-                .and_then(|rest| rest.trim().split_once(' '))
-                .map(|(_, params)| {
-                    params
-                        .split('#')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .trim_end_matches(';')
-                })
-                .unwrap_or("");
+            let params = params_after_address(line, "server");
             if gateway_ports.is_empty() {
                 // nginx needs at least one server; a closed port answers nothing.
                 out.push_str(&format!("{indent}server 127.0.0.1:9 down;\n"));
             }
             for port in gateway_ports {
-                out.push_str(&format!("{indent}server 127.0.0.1:{port} {params};\n"));
+                out.push_str(&format!("{indent}server 127.0.0.1:{port}{params};\n"));
             }
         } else if line.contains("# @listen") {
             seen[1] = true;
-            out.push_str(&format!("{indent}listen 127.0.0.1:{listen_port};\n"));
+            // Keep the socket parameters (sndbuf, ...) after the port.
+            let params = params_after_address(line, "listen");
+            out.push_str(&format!(
+                "{indent}listen 127.0.0.1:{listen_port}{params};\n"
+            ));
         } else if line.contains("# @error_log") {
             seen[2] = true;
             out.push_str(&format!("{indent}error_log {dir}/error.log warn;\n"));
@@ -69,21 +61,47 @@ pub fn rewrite(
     Ok(out)
 }
 
+/// The parameters after the address of a `DIRECTIVE ADDRESS PARAMS...; # @marker` line, with
+/// a leading space when there are any.
+fn params_after_address(line: &str, directive: &str) -> String {
+    let statement = line.split('#').next().unwrap_or("").trim();
+    let params = statement
+        .strip_prefix(directive)
+        .and_then(|rest| rest.trim().split_once(' '))
+        .map(|(_, params)| params.trim().trim_end_matches(';').trim())
+        .unwrap_or("");
+    if params.is_empty() {
+        String::new()
+    } else {
+        format!(" {params}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const CONFIG: &str = "error_log /var/log/nginx/error.log warn; # @error_log\nhttp {\n    access_log /var/log/nginx/access.log; # @access_log\n    upstream u {\n        least_conn;\n        server gateway:8080 max_fails=3 fail_timeout=10s; # @gateway_upstream\n    }\n    server {\n        listen 8080; # @listen\n    }\n}\n";
+    const CONFIG: &str = "error_log /var/log/nginx/error.log warn; # @error_log\nhttp {\n    access_log /var/log/nginx/access.log; # @access_log\n    upstream u {\n        least_conn;\n        server gateway:8080 max_fails=3 fail_timeout=10s; # @gateway_upstream\n    }\n    server {\n        listen 8080 sndbuf=128k; # @listen\n    }\n}\n";
 
     #[test]
     fn rewrites_only_the_marked_lines() {
         let out = rewrite(CONFIG, &[7001, 7002], 9000, Path::new("/tmp/c")).unwrap();
         assert!(out.contains("        server 127.0.0.1:7001 max_fails=3 fail_timeout=10s;\n"));
         assert!(out.contains("        server 127.0.0.1:7002 max_fails=3 fail_timeout=10s;\n"));
-        assert!(out.contains("        listen 127.0.0.1:9000;\n"));
+        assert!(out.contains("        listen 127.0.0.1:9000 sndbuf=128k;\n"));
         assert!(out.contains("error_log /tmp/c/error.log warn;"));
         assert!(out.contains("        least_conn;\n"));
         assert!(!out.contains("gateway:8080"));
+    }
+
+    #[test]
+    fn lines_without_parameters_stay_without() {
+        let config = CONFIG
+            .replace(" max_fails=3 fail_timeout=10s;", ";")
+            .replace(" sndbuf=128k;", ";");
+        let out = rewrite(&config, &[7001], 9000, Path::new("/tmp/c")).unwrap();
+        assert!(out.contains("        server 127.0.0.1:7001;\n"), "{out}");
+        assert!(out.contains("        listen 127.0.0.1:9000;\n"), "{out}");
     }
 
     #[test]
