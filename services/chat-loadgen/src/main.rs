@@ -651,7 +651,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         send_lag: ctx.send_lag.merged().0,
         per_second,
         gateway: report::GatewayUse {
-            pids: sampler.pids(),
+            pids: sampler.pids().to_vec(),
             cpu_seconds: cpu,
             rss_bytes_before: before_connect.rss_bytes,
             rss_bytes_connected: connected_at.rss_bytes,

@@ -105,8 +105,8 @@ impl Sampler {
     }
 
     /// Every pid sampled so far.
-    pub fn pids(&self) -> Vec<u32> {
-        self.pids.clone()
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
     }
 
     pub fn sample(&mut self) -> Sample {

@@ -215,7 +215,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     // Not ready, and no new sockets, while draining.
     let mut saw_503 = false;
     for _ in 0..20 {
-        match reqwest::get(format!("http://127.0.0.1:{}/readyz", gw.port)).await {
+        match reqwest::get(gw.http("/readyz")).await {
             Ok(r) if r.status() == 503 => {
                 saw_503 = true;
                 break;
@@ -349,10 +349,7 @@ async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
 
     proxy.freeze_existing();
     let started = Instant::now();
-    let status = reqwest::get(format!("http://127.0.0.1:{}/readyz", gw.port))
-        .await
-        .unwrap()
-        .status();
+    let status = reqwest::get(gw.http("/readyz")).await.unwrap().status();
     assert_eq!(status, 503);
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -369,18 +366,12 @@ async fn a_hung_database_shows_in_the_store_metrics_of_an_idle_gateway() {
 
     // The hung connection is dropped; a new one answers the next probe, and the gauge follows.
     let started = Instant::now();
-    while reqwest::get(format!("http://127.0.0.1:{}/readyz", gw.port))
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "never ready again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.wait_ready().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "ready again only after {:?}",
+        started.elapsed()
+    );
     assert_eq!(gw.counter("chat_ready").await, 1.0);
 }
 
@@ -506,7 +497,7 @@ async fn logs_name_the_connection_and_never_hold_secrets() {
     let name = unique("logs");
     let password = "hunter2-very-secret-password";
     let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/api/register", gw.port))
+        .post(gw.http("/api/register"))
         .json(&json!({"username": name, "password": password}))
         .send()
         .await

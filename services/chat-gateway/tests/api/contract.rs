@@ -624,7 +624,7 @@ async fn slow_consumer_body(backend: Backend) {
     // Bob stops reading; Alice talks and reads her own socket, so she keeps up.
     let body = "y".repeat(4000);
     let mut kicked_after = None;
-    for sent in 1..=3000 {
+    for sent in 1..=3000_usize {
         let seq = a.say(&room, &body).await;
         // Alice's own copy: the room has fanned out every earlier message, Bob's copies too.
         while a.next_message().await["seq"] != seq {}
@@ -634,7 +634,7 @@ async fn slow_consumer_body(backend: Backend) {
             break;
         }
     }
-    let kicked_after = kicked_after.expect("bob was never disconnected") as usize;
+    let kicked_after = kicked_after.expect("bob was never disconnected");
     // The kernel holds up to twice the setting on the gateway's side (its bookkeeping), and
     // Bob's small receive buffer a little more; the rest waits in his queue. With the kernel's
     // autotuning instead, Bob held about 700 of these messages (2.8 MB).

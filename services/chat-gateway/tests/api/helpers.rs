@@ -194,8 +194,9 @@ impl GatewayProcess {
         process
     }
 
-    async fn wait_ready(&self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+    /// Waits (30 s at most) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let url = self.http("/readyz");
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Ok(r) = reqwest::get(&url).await
@@ -206,6 +207,11 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("gateway process on port {} never became ready", self.port);
+    }
+
+    /// The URL of `path` on this process's public listener.
+    pub fn http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// The value of a counter on this process's metrics listener (0 if not yet exported).
