@@ -1,10 +1,12 @@
 //! `chat-loadgen`: opens many connections to a gateway (or through nginx), spreads them over
 //! rooms, publishes at a controlled rate, and measures what every receiver got: a delivery
 //! ratio that counts each missing or duplicated message, send-to-ack and end-to-end latency
-//! percentiles (HDR histograms), throughput, the gateway processes' CPU and memory, how
-//! busy the whole machine was, and how far its own sends fell behind their schedule.
+//! percentiles (HDR histograms), throughput, the gateway processes' CPU and memory (in the
+//! idle scenario, how the memory grows with the connections), its own CPU, how busy the whole
+//! machine was, and how far its own sends fell behind their schedule.
 
 mod client;
+mod idle;
 mod procstat;
 mod report;
 mod stats;
@@ -28,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 ///   fanout           2,000 clients in 4 rooms, 8 publishers, 200 msg/s, 100-byte bodies
 ///   many-rooms       4,000 clients in 400 rooms, 100 publishers, 2,000 msg/s
 ///   big-room         10,000 clients in 1 room, 2 publishers, 10 msg/s
-///   idle             15,000 idle clients in 100 rooms, no publishers: memory per connection
+///   idle             19,000 idle clients in 100 rooms, no publishers: memory per connection,
+///                    sampled 20 times while connecting to show how it grows (the gateway
+///                    must allow that many: CHAT_MAX_CONNECTIONS=19000, as scripts/bench sets)
 ///   reconnect-storm  6,000 clients in 60 rooms, 6 publishers, 60 msg/s; runs --kill-cmd
 ///                    after --kill-after seconds and reports the time until all are back
 /// Publishers send faster than the gateway's default per-connection limit (10 msg/s): run
@@ -151,7 +155,7 @@ impl Plan {
             Scenario::Fanout => (2_000, 4, 8, 200.0, 30),
             Scenario::ManyRooms => (4_000, 400, 100, 2_000.0, 30),
             Scenario::BigRoom => (10_000, 1, 2, 10.0, 30),
-            Scenario::Idle => (15_000, 100, 0, 0.0, 10),
+            Scenario::Idle => (19_000, 100, 0, 0.0, 10),
             Scenario::ReconnectStorm => (6_000, 60, 6, 60.0, 40),
         };
         let rate = cli.rate.unwrap_or(rate);
@@ -365,6 +369,8 @@ pub struct Outcome {
     pub per_second: Vec<report::Second>,
     pub gateway: report::GatewayUse,
     pub idle_bytes_per_connection: Option<f64>,
+    /// The idle scenario's memory samples and the line through them.
+    pub idle_memory: Option<idle::IdleMemory>,
     pub recovery_seconds: Option<f64>,
     /// --kill-cmd ran.
     pub killed: bool,
@@ -402,7 +408,14 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
     let progress = report::Progress::new(cli.quiet);
     let before_connect = sampler.sample();
 
-    // Receivers, at the connect rate.
+    // Receivers, at the connect rate. In the idle scenario the gateways' memory is sampled
+    // 20 times on the way, to show how it grows with the connections.
+    let measure_idle = plan.scenario == Scenario::Idle && !sampler.pids().is_empty();
+    let mut memory = vec![idle::MemoryPoint {
+        connections: 0,
+        rss_bytes: before_connect.rss_bytes,
+    }];
+    let sample_every = (plan.clients / 20).max(1);
     let mut receivers = Vec::with_capacity(plan.clients);
     let gap = Duration::from_secs_f64(1.0 / plan.connect_rate as f64);
     let mut next = tokio::time::Instant::now();
@@ -413,6 +426,12 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         receivers.push(tokio::spawn(receive(ctx.clone(), i, token)));
         if i % 200 == 0 {
             progress.update(&ctx.shared, "connecting");
+        }
+        if measure_idle && (i + 1) % sample_every == 0 && i + 1 < plan.clients {
+            memory.push(idle::MemoryPoint {
+                connections: ctx.shared.connected.load(Ordering::Relaxed),
+                rss_bytes: sampler.sample().rss_bytes,
+            });
         }
     }
     let connect_deadline = Instant::now() + Duration::from_secs(120);
@@ -428,11 +447,19 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let connected_at = sampler.sample();
-    let idle_bytes_per_connection = (plan.scenario == Scenario::Idle && !sampler.pids().is_empty())
+    let idle_bytes_per_connection = measure_idle.then(|| {
+        (connected_at.rss_bytes as f64 - before_connect.rss_bytes as f64)
+            / plan.clients.max(1) as f64
+    });
+    let idle_memory = measure_idle
         .then(|| {
-            (connected_at.rss_bytes as f64 - before_connect.rss_bytes as f64)
-                / plan.clients.max(1) as f64
-        });
+            memory.push(idle::MemoryPoint {
+                connections: ctx.shared.connected.load(Ordering::Relaxed),
+                rss_bytes: connected_at.rss_bytes,
+            });
+            idle::IdleMemory::fit(memory)
+        })
+        .flatten();
 
     // Publishers. They all join before the first message, or one that joined late would not
     // get the messages sent before (it starts from the room's seq at its join).
@@ -598,6 +625,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                 let _ = latency.add(h);
             }
             let cpu = to_proc.cpu_seconds - from_proc.cpu_seconds;
+            let own_cpu = to_proc.own_cpu_seconds - from_proc.own_cpu_seconds;
             let seconds = (to - from).max(1) as f64;
             report::Step {
                 rate,
@@ -607,6 +635,7 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
                 p99_ms: (!latency.is_empty())
                     .then(|| latency.value_at_quantile(0.99) as f64 / 1000.0),
                 gateway_cpu_seconds: cpu,
+                load_generator_cpu_seconds: own_cpu,
                 deliveries_per_cpu_second: (cpu > 0.0).then(|| deliveries as f64 / cpu),
                 machine: to_proc.machine.since(&from_proc.machine),
             }
@@ -653,12 +682,14 @@ async fn run(cli: Cli, plan: Plan) -> anyhow::Result<Outcome> {
         gateway: report::GatewayUse {
             pids: sampler.pids().to_vec(),
             cpu_seconds: cpu,
+            load_generator_cpu_seconds: end.own_cpu_seconds - connected_at.own_cpu_seconds,
             rss_bytes_before: before_connect.rss_bytes,
             rss_bytes_connected: connected_at.rss_bytes,
             rss_bytes_end: end.rss_bytes,
             deliveries_per_cpu_second: (cpu > 0.0).then(|| received as f64 / cpu),
         },
         idle_bytes_per_connection,
+        idle_memory,
         recovery_seconds: storm.recovered,
         killed: storm.killed_at.is_some(),
         steps,

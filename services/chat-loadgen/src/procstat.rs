@@ -11,6 +11,8 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    /// The load generator's own CPU time so far: it shares the machine with the gateways.
+    pub own_cpu_seconds: f64,
     pub machine: MachineTicks,
     /// The processes that could be read.
     cpu_by_pid: Vec<(u32, f64)>,
@@ -133,20 +135,18 @@ impl Sampler {
 fn sample(pids: &[u32]) -> Sample {
     let mut total = Sample {
         machine: machine_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default()),
+        own_cpu_seconds: std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| cpu_seconds(&stat))
+            .unwrap_or(0.0),
         ..Sample::default()
     };
     for pid in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the command name (which may hold spaces, inside parentheses).
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
-                let ticks: f64 = [11, 12]
-                    .iter()
-                    .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-                    .sum();
-                total.cpu_by_pid.push((*pid, ticks / TICKS_PER_SECOND));
-            }
+        if let Some(cpu) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| cpu_seconds(&stat))
+        {
+            total.cpu_by_pid.push((*pid, cpu));
         }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             let rss_kib: u64 = status
@@ -158,6 +158,19 @@ fn sample(pids: &[u32]) -> Sample {
         }
     }
     total
+}
+
+/// User and system CPU time from a /proc/PID/stat line.
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    Some(ticks / TICKS_PER_SECOND)
 }
 
 /// Gateway pids from a `chat-cluster` state directory (its cluster.json).
@@ -178,8 +191,26 @@ mod tests {
 
     #[test]
     fn reads_this_process_and_the_machine() {
+        // Busy until this process has used a clock tick of CPU.
+        let started = std::time::Instant::now();
+        while sample(&[]).own_cpu_seconds == 0.0 {
+            assert!(started.elapsed().as_secs() < 10, "no CPU time seen");
+        }
         let s = sample(&[std::process::id()]);
         assert!(s.rss_bytes > 0);
+        // The same process, sampled as a gateway and as the load generator itself, a moment
+        // apart: the same CPU time, give or take a clock tick.
+        assert_eq!(s.cpu_by_pid.len(), 1);
+        assert!(s.own_cpu_seconds > 0.0, "{s:?}");
+        assert!(
+            (s.cpu_by_pid[0].1 - s.own_cpu_seconds).abs() <= 1.0 / TICKS_PER_SECOND + 1e-9,
+            "{s:?}"
+        );
+        assert_eq!(
+            cpu_seconds("1 (a) b) S 0 0 0 0 0 0 0 0 0 0 250 50 0 0"),
+            Some(3.0),
+            "a command name with a parenthesis and a space"
+        );
         assert!(
             s.machine.cores >= 1 && s.machine.busy > 0,
             "{:?}",

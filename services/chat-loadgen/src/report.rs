@@ -40,6 +40,8 @@ pub struct GatewayUse {
     pub pids: Vec<u32>,
     /// CPU seconds the gateways used from the end of connecting to the end of the run.
     pub cpu_seconds: f64,
+    /// CPU seconds this load generator used over the same time, on the same machine.
+    pub load_generator_cpu_seconds: f64,
     pub rss_bytes_before: u64,
     pub rss_bytes_connected: u64,
     pub rss_bytes_end: u64,
@@ -54,6 +56,7 @@ pub struct Step {
     pub acked_per_sec: f64,
     pub p99_ms: Option<f64>,
     pub gateway_cpu_seconds: f64,
+    pub load_generator_cpu_seconds: f64,
     pub deliveries_per_cpu_second: Option<f64>,
     pub machine: Option<crate::procstat::MachineUse>,
 }
@@ -79,6 +82,8 @@ struct Json<'a> {
     send_lag: Percentiles,
     gateway: &'a GatewayUse,
     idle_bytes_per_connection: Option<f64>,
+    /// The idle scenario's memory samples while connecting, and the line through them.
+    idle_memory: Option<&'a crate::idle::IdleMemory>,
     recovery_seconds: Option<f64>,
     steps: &'a [Step],
     per_second: &'a [Second],
@@ -105,6 +110,7 @@ pub fn print(o: &Outcome, json: bool) {
             send_lag: Percentiles::of(&o.send_lag),
             gateway: &o.gateway,
             idle_bytes_per_connection: o.idle_bytes_per_connection,
+            idle_memory: o.idle_memory.as_ref(),
             recovery_seconds: o.recovery_seconds,
             steps: &o.steps,
             per_second: &o.per_second,
@@ -189,16 +195,25 @@ pub fn print(o: &Outcome, json: bool) {
     }
     if let Some(m) = o.machine {
         println!(
-            "machine: {} cores, {:.0} % busy, {:.1} % stolen by the hypervisor (everything on it, from connected to the end)",
+            "machine: {} cores, {:.0} % busy, {:.1} % stolen by the hypervisor (everything on it, from connected to the end); the load generator itself used {:.2} CPU s",
             m.cores,
             100.0 * m.busy_share,
-            100.0 * m.steal_share
+            100.0 * m.steal_share,
+            g.load_generator_cpu_seconds
         );
     }
     if let Some(bytes) = o.idle_bytes_per_connection {
         println!(
             "idle: {:.1} KiB of gateway RSS per connection",
             bytes / 1024.0
+        );
+    }
+    if let Some(m) = &o.idle_memory {
+        println!(
+            "idle: {:.1} KiB more RSS per added connection (straight line through {} samples while connecting, R² {:.4})",
+            m.bytes_per_connection_fit / 1024.0,
+            m.points.len(),
+            m.r_squared
         );
     }
     match (o.recovery_seconds, o.killed) {
@@ -224,8 +239,12 @@ pub fn print(o: &Outcome, json: bool) {
     }
 }
 
-/// Deliveries per second and end-to-end p50/p99 over time.
+/// Deliveries per second and end-to-end p50/p99 over time; for the idle scenario, the
+/// gateways' memory against the connections open.
 pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
+    if let Some(memory) = &o.idle_memory {
+        return plot_memory(memory, path);
+    }
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -254,28 +273,88 @@ pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
         .iter()
         .filter_map(|s| s.p99_ms)
         .fold(1.0f64, f64::max);
+    // A log scale: past saturation the latency grows to seconds, and a linear axis would then
+    // flatten the milliseconds before it to nothing.
+    let floor_ms = 0.1;
     let mut chart = ChartBuilder::on(&bottom)
         .caption(
-            "end-to-end latency (ms): p50 green, p99 red",
+            "end-to-end latency (ms, log scale): p50 green, p99 red",
             ("sans-serif", 18),
         )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(70)
-        .build_cartesian_2d(0..seconds, 0.0..max_ms * 1.1)?;
+        .build_cartesian_2d(0..seconds, (floor_ms..max_ms * 1.5).log_scale())?;
     chart.configure_mesh().x_desc("s").draw()?;
     chart.draw_series(LineSeries::new(
         o.per_second
             .iter()
-            .filter_map(|s| Some((s.second, s.p50_ms?))),
+            .filter_map(|s| Some((s.second, s.p50_ms?.max(floor_ms)))),
         &GREEN,
     ))?;
     chart.draw_series(LineSeries::new(
         o.per_second
             .iter()
-            .filter_map(|s| Some((s.second, s.p99_ms?))),
+            .filter_map(|s| Some((s.second, s.p99_ms?.max(floor_ms)))),
         &RED,
     ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Resident memory (MiB) against open connections: the samples, and the fitted line.
+fn plot_memory(m: &crate::idle::IdleMemory, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mib = |bytes: f64| bytes / 1048576.0;
+    let max_connections = m
+        .points
+        .iter()
+        .map(|p| p.connections)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let max_mib = m
+        .points
+        .iter()
+        .map(|p| mib(p.rss_bytes as f64))
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "gateway memory while idle connections open: {:.1} KiB each (line, R² {:.4})",
+                m.bytes_per_connection_fit / 1024.0,
+                m.r_squared
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            0..max_connections + max_connections / 20,
+            0.0..max_mib * 1.1,
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("RSS (MiB)")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        [0, max_connections].map(|c| {
+            (
+                c,
+                mib(m.rss_bytes_at_zero_fit + m.bytes_per_connection_fit * c as f64),
+            )
+        }),
+        &RED,
+    ))?;
+    chart.draw_series(
+        m.points
+            .iter()
+            .map(|p| Circle::new((p.connections, mib(p.rss_bytes as f64)), 3, BLUE.filled())),
+    )?;
     root.present()?;
     Ok(())
 }

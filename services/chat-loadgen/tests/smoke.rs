@@ -25,6 +25,9 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     // Every scheduled send says how late it left (none was refused, so each was acked).
     assert_eq!(report["send_lag"]["samples"].as_u64(), Some(acked));
     assert!(report["gateway"]["rss_bytes_end"].as_u64().unwrap() > 0);
+    // It read thousands of frames: its own CPU time shows.
+    let own_cpu = report["gateway"]["load_generator_cpu_seconds"].as_f64();
+    assert!(own_cpu.is_some_and(|s| s > 0.0), "{}", report["gateway"]);
     // The machine was busy running this very test: its share is a fraction above zero.
     let machine = &report["machine"];
     let busy = machine["busy_share"].as_f64().unwrap();
@@ -33,6 +36,47 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("polyline"),
+        "{}",
+        &svg[..svg.len().min(200)]
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_run_shows_how_memory_grows_with_the_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, shutdown, server) = gateway(dir.path()).await;
+    let plot = dir.path().join("memory.svg");
+    let args = format!(
+        "--scenario idle --clients 200 --duration 1 --json --pid {} --plot {}",
+        std::process::id(),
+        plot.display()
+    );
+    let output = loadgen(port, args.split(' ').map(String::from).collect())
+        .await
+        .unwrap();
+    let report = common::report(&output);
+    assert_eq!(report["connections"]["made"], 200, "{report}");
+    let memory = &report["idle_memory"];
+    let points = memory["points"].as_array().unwrap();
+    // Before the first connection, every tenth of 200 on the way, and all of them open.
+    assert_eq!(points.len(), 21, "{memory}");
+    assert_eq!(points[0]["connections"], 0, "{memory}");
+    assert_eq!(points[20]["connections"], 200, "{memory}");
+    let counts: Vec<u64> = points
+        .iter()
+        .map(|p| p["connections"].as_u64().unwrap())
+        .collect();
+    assert!(counts.is_sorted(), "{counts:?}");
+    // The gateway runs in this test's process: its memory grew with the connections.
+    let slope = memory["bytes_per_connection_fit"].as_f64().unwrap();
+    assert!(slope > 0.0, "{memory}");
+    let r_squared = memory["r_squared"].as_f64().unwrap();
+    assert!(r_squared <= 1.0, "{memory}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.contains("<circle") && svg.contains("connections"),
         "{}",
         &svg[..svg.len().min(200)]
     );
