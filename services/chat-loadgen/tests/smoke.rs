@@ -2,8 +2,9 @@
 //! connects, publishes, and reports every delivery. Timings are the benchmark's business.
 
 mod common;
+mod inprocess;
 
-use std::process::Command;
+use inprocess::{gateway, loadgen};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_fanout_run_delivers_everything_and_reports_it() {
@@ -41,80 +42,6 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     );
     shutdown.cancel();
     server.await.unwrap().unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_run_shows_how_memory_grows_with_the_connections() {
-    let dir = tempfile::tempdir().unwrap();
-    let (port, shutdown, server) = gateway(dir.path()).await;
-    let plot = dir.path().join("memory.svg");
-    let args = format!(
-        "--scenario idle --clients 200 --duration 1 --json --pid {} --plot {}",
-        std::process::id(),
-        plot.display()
-    );
-    let output = loadgen(port, args.split(' ').map(String::from).collect())
-        .await
-        .unwrap();
-    let report = common::report(&output);
-    assert_eq!(report["connections"]["made"], 200, "{report}");
-    let memory = &report["idle_memory"];
-    let points = memory["points"].as_array().unwrap();
-    // Before the first connection, every tenth of 200 on the way, and all of them open.
-    assert_eq!(points.len(), 21, "{memory}");
-    assert_eq!(points[0]["connections"], 0, "{memory}");
-    assert_eq!(points[20]["connections"], 200, "{memory}");
-    let counts: Vec<u64> = points
-        .iter()
-        .map(|p| p["connections"].as_u64().unwrap())
-        .collect();
-    assert!(counts.is_sorted(), "{counts:?}");
-    // The gateway runs in this test's process: its memory grew with the connections.
-    let slope = memory["bytes_per_connection_fit"].as_f64().unwrap();
-    assert!(slope > 0.0, "{memory}");
-    let r_squared = memory["r_squared"].as_f64().unwrap();
-    assert!(r_squared <= 1.0, "{memory}");
-    let svg = std::fs::read_to_string(&plot).unwrap();
-    assert!(
-        svg.contains("<circle") && svg.contains("connections"),
-        "{}",
-        &svg[..svg.len().min(200)]
-    );
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
-}
-
-/// Runs the load generator against the gateway on `port` (on a blocking thread, as it can
-/// take a while).
-fn loadgen(port: u16, args: Vec<String>) -> tokio::task::JoinHandle<std::process::Output> {
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
-            .args(["--url", &format!("http://127.0.0.1:{port}")])
-            .args(args)
-            .output()
-            .unwrap()
-    })
-}
-
-/// An in-process embedded gateway for one test, with the send limit raised for load.
-async fn gateway(
-    dir: &std::path::Path,
-) -> (
-    u16,
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), chat_gateway::StartError>>,
-) {
-    let mut settings = chat_gateway::Settings::defaults();
-    settings.bind = "127.0.0.1:0".parse().unwrap();
-    settings.metrics_bind = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = dir.to_path_buf();
-    settings.rate_per_sec = 1000;
-    settings.rate_burst = 1000;
-    settings.grace_period_secs = 1;
-    let app = chat_gateway::Application::build(settings).await.unwrap();
-    let port = app.port();
-    let shutdown = app.shutdown_token();
-    (port, shutdown, tokio::spawn(app.run_until_stopped()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
