@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -118,6 +119,51 @@ if disk:
     w("| disk flush | `fdatasync` of an 8 KiB page, %d at %g/s where Postgres keeps its data: p50 %s ms, p90 %s, p99 %s, max %s |" % (
         disk["flushes"], disk["per_second"], fmt(d["p50"]), fmt(d["p90"]), fmt(d["p99"]), fmt(d["max"])))
 w("")
+
+
+def commands_section():
+    """Each scenario's exact commands, read from scripts/bench itself (its `case` lines)."""
+    try:
+        script = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "bench")).read()
+    except OSError:
+        return
+    script = script.replace("\\\n", " ")
+    env = re.search(r"gateway_env=\((.*?)\)", script, re.S)
+    state = re.search(r"^state=(\S+)", script, re.M)
+    if not env or not state:
+        return
+    env = " ".join(env.group(1).split())
+    w("## How each scenario runs")
+    w("")
+    w("`scripts/bench` starts a new fleet for each run with `scripts/cluster up --gateways N")
+    w("--no-prometheus %s` (the `no flush` runs add `--fast-postgres`), runs the load" % env)
+    w("generator against it as below (adding `--quiet --json --cluster-state` and `--plot`, so that it")
+    w("samples the fleet's gateways and writes its report and plot to `bench/results/`), and stops the")
+    w("fleet. `URL` is the first gateway's address, or nginx's for the reconnect storm; the")
+    w("scenarios run three times are marked ×3. The Socket.IO runs pass `--pid` for each Node")
+    w("process instead.")
+    w("")
+    w("| scenario | gateways | command |")
+    w("|---|---|---|")
+    for m in re.finditer(r"^\s+([a-z0-9-]+)\) (.*?) ;;\s*$", script, re.M):
+        name, line = m.group(1), " ".join(m.group(2).split()).replace("$state", state.group(1))
+        words = line.split(" ")
+        if words[0] == "no_flush=1":
+            words = words[1:]
+        if words[0] in ("run", "runs"):
+            times = " ×3" if words[0] == "runs" else ""
+            w("| %s%s | %s | `chat-loadgen --url URL %s` |" % (name, times, words[2], " ".join(words[4:])))
+        elif words[0] == "profile":
+            w("| %s | 1, built with frame pointers, under `perf record` | `chat-loadgen --url URL %s` |" % (name, " ".join(words[2:])))
+        elif words[0] == "socketio":
+            w("| %s | none: %s × `node bench/socketio/server.js` on the fleet's Redis | `chat-loadgen --protocol socketio --url URL... %s` |" % (
+                name, words[2], " ".join(words[3:])))
+        elif name == "disk":
+            w("| disk | none | `python3 bench/disk_probe.py $TMPDIR 1000 100` |")
+    w("")
+
+
+commands_section()
 w("## Results")
 w("")
 w("| scenario | what | target | measured | |")
