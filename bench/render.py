@@ -276,9 +276,9 @@ def machine_section():
     """How busy the whole machine was during each run (the load generator reads /proc/stat)."""
     names = ["idle", "fanout", "fanout-light", "fanout-light-no-flush", "many-rooms",
              "many-rooms-no-flush", "big-room", "saturation", "durable", "reconnect-storm"]
-    runs = [(n, load(n)) for n in names]
-    runs = [(n, r) for n, r in runs if r and r.get("machine")]
-    if not runs:
+    measured = [(n, load(n)) for n in names]
+    measured = [(n, r) for n, r in measured if r and r.get("machine")]
+    if not measured:
         return
     w("### How busy the machine was")
     w("")
@@ -293,7 +293,7 @@ def machine_section():
     w("")
     w("| scenario | busy | stolen | gateway CPU s | load generator CPU s | send lag p50 / p99 / max (ms) |")
     w("|---|---|---|---|---|---|")
-    for n, r in runs:
+    for n, r in measured:
         lag = r.get("send_lag")
         lag = "%s / %s / %s" % (fmt(lag["p50_ms"]), fmt(lag["p99_ms"]), fmt(lag["max_ms"])) if lag and lag["samples"] else "-"
         own = r["gateway"].get("load_generator_cpu_seconds")

@@ -257,11 +257,7 @@ pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut chart = ChartBuilder::on(&top)
-        .caption("deliveries per second", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
+    let mut chart = chart_on(&top, "deliveries per second")
         .build_cartesian_2d(0..seconds, 0..max_deliveries + max_deliveries / 10)?;
     chart.configure_mesh().x_desc("s").draw()?;
     chart.draw_series(LineSeries::new(
@@ -276,15 +272,11 @@ pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
     // A log scale: past saturation the latency grows to seconds, and a linear axis would then
     // flatten the milliseconds before it to nothing.
     let floor_ms = 0.1;
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption(
-            "end-to-end latency (ms, log scale): p50 green, p99 red",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0..seconds, (floor_ms..max_ms * 1.5).log_scale())?;
+    let mut chart = chart_on(
+        &bottom,
+        "end-to-end latency (ms, log scale): p50 green, p99 red",
+    )
+    .build_cartesian_2d(0..seconds, (floor_ms..max_ms * 1.5).log_scale())?;
     chart.configure_mesh().x_desc("s").draw()?;
     chart.draw_series(LineSeries::new(
         o.per_second
@@ -300,6 +292,20 @@ pub fn plot(o: &Outcome, path: &Path) -> anyhow::Result<()> {
     ))?;
     root.present()?;
     Ok(())
+}
+
+/// Every chart's frame: its caption, margin and axis label room.
+fn chart_on<'a, 'b, DB: plotters::prelude::DrawingBackend>(
+    area: &'a plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+) -> plotters::prelude::ChartBuilder<'a, 'b, DB> {
+    let mut builder = plotters::prelude::ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70);
+    builder
 }
 
 /// Resident memory (MiB) against open connections: the samples, and the fitted line.
@@ -320,22 +326,15 @@ fn plot_memory(m: &crate::idle::IdleMemory, path: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|p| mib(p.rss_bytes as f64))
         .fold(1.0f64, f64::max);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "gateway memory while idle connections open: {:.1} KiB each (line, R² {:.4})",
-                m.bytes_per_connection_fit / 1024.0,
-                m.r_squared
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            0..max_connections + max_connections / 20,
-            0.0..max_mib * 1.1,
-        )?;
+    let caption = format!(
+        "gateway memory while idle connections open: {:.1} KiB each (line, R² {:.4})",
+        m.bytes_per_connection_fit / 1024.0,
+        m.r_squared
+    );
+    let mut chart = chart_on(&root, &caption).build_cartesian_2d(
+        0..max_connections + max_connections / 20,
+        0.0..max_mib * 1.1,
+    )?;
     chart
         .configure_mesh()
         .x_desc("connections")

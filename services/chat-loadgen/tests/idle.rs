@@ -2,6 +2,7 @@
 //! its own: the load generator samples this process's memory, and another test running beside
 //! it in the same process would move that memory by megabytes.
 
+mod common;
 mod inprocess;
 
 use inprocess::{gateway, loadgen};
@@ -19,13 +20,7 @@ async fn an_idle_run_shows_how_memory_grows_with_the_connections() {
     let output = loadgen(port, args.split(' ').map(String::from).collect())
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let report = common::report(&output);
     assert_eq!(report["connections"]["made"], 400, "{report}");
     let memory = &report["idle_memory"];
     let points = memory["points"].as_array().unwrap();

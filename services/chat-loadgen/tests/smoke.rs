@@ -3,6 +3,7 @@
 
 mod common;
 mod inprocess;
+mod small_fanout;
 
 use inprocess::{gateway, loadgen};
 
@@ -12,7 +13,7 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     let (port, shutdown, server) = gateway(dir.path()).await;
 
     let plot = dir.path().join("plot.svg");
-    let mut args: Vec<String> = common::SMALL_FANOUT.map(String::from).into();
+    let mut args: Vec<String> = small_fanout::SMALL_FANOUT.map(String::from).into();
     args.extend([
         "--json".into(),
         "--pid".into(),
@@ -21,7 +22,7 @@ async fn a_short_fanout_run_delivers_everything_and_reports_it() {
     args.extend(["--plot".into(), plot.display().to_string()]);
     let output = loadgen(port, args).await.unwrap();
     let report = common::report(&output);
-    let acked = common::assert_every_message_delivered(&report);
+    let acked = small_fanout::assert_every_message_delivered(&report);
     assert!(report["e2e_latency"]["samples"].as_u64().unwrap() >= acked * 21);
     // Every scheduled send says how late it left (none was refused, so each was acked).
     assert_eq!(report["send_lag"]["samples"].as_u64(), Some(acked));
@@ -76,7 +77,7 @@ async fn a_gateway_that_goes_away_for_good_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let (port, shutdown, server) = gateway(dir.path()).await;
     // SMALL_FANOUT's layout without its duration, for longer.
-    let mut args: Vec<String> = common::SMALL_FANOUT[..10]
+    let mut args: Vec<String> = small_fanout::SMALL_FANOUT[..10]
         .iter()
         .map(|a| a.to_string())
         .collect();

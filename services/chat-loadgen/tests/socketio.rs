@@ -3,6 +3,7 @@
 //! it connects, joins, publishes, gets its acks and counts every delivery.
 
 mod common;
+mod small_fanout;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -41,14 +42,14 @@ fn a_short_fanout_run_against_socketio_delivers_everything() {
     let output = Command::new(env!("CARGO_BIN_EXE_chat-loadgen"))
         .args(["--protocol", "socketio"])
         .args(["--url", &format!("http://127.0.0.1:{port}")])
-        .args(common::SMALL_FANOUT)
+        .args(small_fanout::SMALL_FANOUT)
         .args(["--json", "--quiet", "--pid", &server.id().to_string()])
         .output()
         .unwrap();
     let status = chat_testkit::stop_child(&mut server, libc::SIGTERM, Duration::from_secs(5));
     let report = common::report(&output);
     assert_eq!(report["plan"]["protocol"], "socketio");
-    common::assert_every_message_delivered(&report);
+    small_fanout::assert_every_message_delivered(&report);
     assert_eq!(report["send_errors"], 0, "{report}");
     assert!(
         report["gateway"]["cpu_seconds"].as_f64().unwrap() > 0.0,
